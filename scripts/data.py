@@ -1,0 +1,80 @@
+"""Training pairs drawn on the fly: every case is the moving image once per epoch, with a random
+fixed image (method.md section 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from monai.transforms import Randomizable, apply_transform
+from torch.utils.data import Dataset
+
+__all__ = ["RandomPairDataset", "PairDataset"]
+
+
+class RandomPairDataset(Dataset, Randomizable):
+    """Item i = case i as the moving image + another case drawn at random as the fixed image.
+
+    Args:
+        cases: a dataset of preprocessed cases (e.g. a ``CacheDataset``), each a dict with at least
+            ``image`` and optionally ``label``.
+        transform: applied to the pair dict (keys ``moving_image``, ``fixed_image``,
+            ``moving_label``, ``fixed_label``); random transforms on several keys draw their
+            parameters once, so augmentation is identical for both images of the pair.
+        keys: which keys of a case to carry into the pair.
+
+    MONAI's DataLoader reseeds this dataset per worker through ``set_random_state``, which also
+    reseeds the transform, so workers draw different pairs and augmentations.
+    """
+
+    def __init__(self, cases: Sequence[dict], transform: Callable | None = None, keys=("image", "label")) -> None:
+        if len(cases) < 2:
+            raise ValueError(f"random pairs need at least 2 cases, got {len(cases)}")
+        self.cases, self.transform, self.keys = cases, transform, tuple(keys)
+        self._fixed = 0
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        super().set_random_state(seed, state)
+        if isinstance(self.transform, Randomizable):
+            self.transform.set_random_state(seed=int(self.R.randint(2**31)))
+        return self
+
+    def randomize(self, moving_index: int) -> None:
+        # Any case but the moving one.
+        j = int(self.R.randint(len(self.cases) - 1))
+        self._fixed = j + (j >= moving_index)
+
+    def __getitem__(self, index: int) -> dict:
+        self.randomize(index)
+        moving, fixed = self.cases[index], self.cases[self._fixed]
+        pair = {f"moving_{k}": moving[k] for k in self.keys if k in moving}
+        pair.update({f"fixed_{k}": fixed[k] for k in self.keys if k in fixed})
+        return apply_transform(self.transform, pair) if self.transform is not None else pair
+
+
+class PairDataset(Dataset):
+    """A fixed list of pairs; each image (and label map) goes through the per-case ``transform``.
+
+    Args:
+        pairs: dicts with ``fixed_image``, ``moving_image``, optional ``fixed_label`` /
+            ``moving_label`` and any other keys (ids), which are passed through unchanged.
+        transform: the per-case preprocessing, on keys ``image`` and ``label`` (the same one the
+            training cases use, so both paths share one definition).
+    """
+
+    def __init__(self, pairs: Sequence[dict], transform: Callable) -> None:
+        self.pairs, self.transform = list(pairs), transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        pair = dict(self.pairs[index])
+        for role in ("moving", "fixed"):
+            case = {k: pair.pop(f"{role}_{k}") for k in ("image", "label") if f"{role}_{k}" in pair}
+            case = apply_transform(self.transform, case)
+            pair.update({f"{role}_{k}": v for k, v in case.items()})
+        return pair

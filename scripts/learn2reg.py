@@ -1,0 +1,168 @@
+"""Reading Learn2Reg and Medical Segmentation Decathlon (MSD) dataset folders into cases and pairs.
+
+Two layouts are understood (conventions.md):
+- Learn2Reg: ``<Task>_dataset.json`` with ``training`` and ``registration_val`` / ``registration_test``
+  pair lists; paths relative to the folder.
+- MSD: ``dataset.json`` with a ``training`` list of image/label dicts and no pair list. The last
+  ``num_val`` cases (sorted by id) are held out; validation pairs each of them with the reversed
+  list, as Learn2Reg builds its hippocampus validation pairs.
+
+A case is ``{"id", "image", "label"}``; a pair is ``{"fixed_id", "moving_id", "fixed_image",
+"moving_image"}`` plus ``fixed_label`` / ``moving_label`` when label maps exist. All paths are
+absolute. Ids are the case number as 4 digits ("0201"), as in Learn2Reg file names.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import re
+
+__all__ = ["DatasetError", "read_index", "training_cases", "pairs", "case_id", "disp_name"]
+
+
+class DatasetError(ValueError):
+    """A dataset folder, index file or pair list that cannot be used; the message names the file."""
+
+
+def case_id(path: str) -> str:
+    """The 4-digit case id of an image path: ``HippocampusMR_0201_0000.nii.gz`` -> "0201",
+    ``hippocampus_017.nii.gz`` -> "0017"."""
+    name = os.path.basename(path).split(".")[0]
+    name = re.sub(r"_0000$", "", name)
+    match = re.search(r"(\d+)$", name)
+    if match is None:
+        raise DatasetError(f"{path}: cannot read a case number from the file name")
+    return f"{int(match.group(1)):04d}"
+
+
+def disp_name(fixed_id: str, moving_id: str) -> str:
+    """Learn2Reg displacement file name for a pair (the long form the current evaluation reads)."""
+    return f"disp_{fixed_id}_0000_{moving_id}_0000.nii.gz"
+
+
+def read_index(dataset_dir: str) -> tuple[str, dict]:
+    """Find and parse the dataset JSON of a folder. Returns (json path, content)."""
+    if not os.path.isdir(dataset_dir):
+        raise DatasetError(f"{dataset_dir}: dataset folder does not exist")
+    found = sorted(glob.glob(os.path.join(dataset_dir, "*_dataset.json")))
+    if not found and os.path.isfile(os.path.join(dataset_dir, "dataset.json")):
+        found = [os.path.join(dataset_dir, "dataset.json")]
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)}"
+        raise DatasetError(f"{dataset_dir}: expected one <Task>_dataset.json or dataset.json, found {what}")
+    path = found[0]
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{path}: not a readable JSON file ({e})") from e
+    if not isinstance(index, dict) or not isinstance(index.get("training"), list) or not index["training"]:
+        raise DatasetError(f"{path}: needs a non-empty 'training' list of {{'image', 'label'}} entries")
+    return path, index
+
+
+def _resolve(dataset_dir: str, index_path: str, rel: str) -> str:
+    if not isinstance(rel, str) or not rel:
+        raise DatasetError(f"{index_path}: expected a file path, got {rel!r}")
+    path = rel if os.path.isabs(rel) else os.path.normpath(os.path.join(dataset_dir, rel))
+    if not os.path.isfile(path):
+        raise DatasetError(f"{index_path}: lists {rel}, which does not exist")
+    return os.path.abspath(path)
+
+
+def _label_for(image: str) -> str | None:
+    """labelsTr/<same name> next to imagesTr/<name>, if it exists."""
+    parent, name = os.path.split(image)
+    label = os.path.join(os.path.dirname(parent), "labelsTr", name)
+    return label if os.path.isfile(label) else None
+
+
+def _all_cases(dataset_dir: str) -> tuple[str, dict, list[dict]]:
+    path, index = read_index(dataset_dir)
+    cases = []
+    for i, entry in enumerate(index["training"]):
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise DatasetError(f"{path}: training entry {i} needs 'image' and 'label', got {entry!r}")
+        image = _resolve(dataset_dir, path, entry["image"])
+        cases.append({"id": case_id(image), "image": image, "label": _resolve(dataset_dir, path, entry["label"])})
+    cases.sort(key=lambda c: c["id"])
+    return path, index, cases
+
+
+def _is_learn2reg(index: dict) -> bool:
+    return "registration_val" in index
+
+
+def _pair(fixed: str, moving: str) -> dict:
+    pair = {"fixed_id": case_id(fixed), "moving_id": case_id(moving), "fixed_image": fixed, "moving_image": moving}
+    fixed_label, moving_label = _label_for(fixed), _label_for(moving)
+    if fixed_label and moving_label:
+        pair.update(fixed_label=fixed_label, moving_label=moving_label)
+    return pair
+
+
+def _msd_val_cases(cases: list[dict], num_val: int, path: str) -> list[dict]:
+    if not 2 <= num_val < len(cases):
+        raise DatasetError(f"{path}: num_val must be between 2 and {len(cases) - 1}, got {num_val}")
+    return cases[-num_val:]
+
+
+def training_cases(dataset_dir: str, num_val: int = 40, exclude_val: bool = True) -> list[dict]:
+    """Cases to train on: every labelled training case, minus those in the validation pairs."""
+    path, index, cases = _all_cases(dataset_dir)
+    if not exclude_val:
+        return cases
+    held_out = {p["fixed_image"] for p in pairs(dataset_dir, "registration_val", num_val)}
+    held_out |= {p["moving_image"] for p in pairs(dataset_dir, "registration_val", num_val)}
+    kept = [c for c in cases if c["image"] not in held_out]
+    if len(kept) < 2:
+        raise DatasetError(f"{path}: fewer than 2 training cases are left outside the validation pairs")
+    return kept
+
+
+def pairs(dataset_dir: str, selection: str = "registration_val", num_val: int = 40) -> list[dict]:
+    """The pairs to register.
+
+    Args:
+        dataset_dir: a Learn2Reg or MSD folder.
+        selection: "registration_val", "registration_test", or the path of a user pair list: a CSV
+            with a header ``fixed,moving`` or a JSON list of ``{"fixed", "moving"}``; paths
+            absolute or relative to ``dataset_dir``.
+        num_val: MSD folders only: how many cases (the last ids) form the validation pairs.
+    """
+    path, index, cases = _all_cases(dataset_dir)
+    if selection in ("registration_val", "registration_test"):
+        if not _is_learn2reg(index):
+            if selection == "registration_test":
+                raise DatasetError(f"{path}: an MSD dataset has no registration_test pairs; give a pair list file")
+            val = [c["image"] for c in _msd_val_cases(cases, num_val, path)]
+            return [_pair(f, m) for f, m in zip(val, val[::-1])]
+        entries, source = index.get(selection), path
+    else:
+        entries, source = _read_pair_file(selection), selection
+    if not isinstance(entries, list) or not entries:
+        raise DatasetError(f"{source}: the pair list {selection} is missing or empty")
+    out = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "fixed" not in entry or "moving" not in entry:
+            raise DatasetError(f"{source}: pair {i} needs 'fixed' and 'moving', got {entry!r}")
+        out.append(_pair(_resolve(dataset_dir, source, entry["fixed"]), _resolve(dataset_dir, source, entry["moving"])))
+    return out
+
+
+def _read_pair_file(path: str) -> list:
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: pair list file does not exist")
+    try:
+        with open(path, newline="") as f:
+            if path.lower().endswith(".json"):
+                return json.load(f)
+            rows = list(csv.DictReader(f))
+    except (OSError, json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: not a readable pair list ({e})") from e
+    if rows and not {"fixed", "moving"} <= set(rows[0]):
+        raise DatasetError(f"{path}: the CSV header must name the columns 'fixed' and 'moving'")
+    return rows
