@@ -9,7 +9,7 @@ import numpy as np
 from monai.transforms import Randomizable, apply_transform
 from torch.utils.data import Dataset
 
-__all__ = ["RandomPairDataset", "PairDataset"]
+__all__ = ["RandomPairDataset", "PairDataset", "check_dataset"]
 
 
 class RandomPairDataset(Dataset, Randomizable):
@@ -78,3 +78,20 @@ class PairDataset(Dataset):
             case = apply_transform(self.transform, case)
             pair.update({f"{role}_{k}": v for k, v in case.items()})
         return pair
+
+
+def check_dataset(dataset: Dataset) -> Dataset:
+    """Loads every item once, before any output is written, so that a bad file stops the run early.
+
+    MONAI wraps a transform's exception in layers of RuntimeError; the innermost message (which
+    names the file) is re-raised as a ValueError prefixed by the item. Returns ``dataset``.
+    """
+    for i in range(len(dataset)):
+        try:
+            dataset[i]
+        except Exception as e:
+            inner = e
+            while inner.__cause__ is not None:
+                inner = inner.__cause__
+            raise ValueError(f"input {i + 1} of {len(dataset)}: {inner}") from e
+    return dataset

@@ -10,16 +10,16 @@ import csv
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from scripts.learn2reg import atomic_path, disp_name
 from scripts.metrics import evaluate_pair, summarize
 
-__all__ = ["disp_filename", "evaluate_folder"]
+__all__ = ["evaluate_folder", "format_summary"]
 
 METRICS = ("dice", "hd95", "hd95_mm", "sdlogj", "sdlogj_plain", "folding_percent")
 
@@ -39,18 +39,13 @@ def _id(value) -> str:
     return f"{value:04d}" if isinstance(value, (int, np.integer)) else str(value)
 
 
-def disp_filename(fixed_id, moving_id) -> str:
-    """Long-form name ``disp_<fixed>_0000_<moving>_0000.nii.gz`` (docs/conventions.md)."""
-    return f"disp_{_id(fixed_id)}_0000_{_id(moving_id)}_0000.nii.gz"
-
-
 def _short_filename(fixed_id, moving_id) -> str:
     # The official script also accepts (for same-modality pairs it in fact requires) this form.
     return f"disp_{_id(fixed_id)}_{_id(moving_id)}.nii.gz"
 
 
 def _find_disp(disp_dir: Path, pair: dict) -> Path:
-    long_name = disp_filename(pair["fixed_id"], pair["moving_id"])
+    long_name = disp_name(_id(pair["fixed_id"]), _id(pair["moving_id"]))
     for name in (long_name, _short_filename(pair["fixed_id"], pair["moving_id"])):
         if (disp_dir / name).is_file():
             return disp_dir / name
@@ -91,21 +86,6 @@ def _finite_or_none(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def evaluate_folder(
@@ -157,11 +137,21 @@ def evaluate_folder(
 
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    def write_csv(f):  # NaN / inf stay as "nan" / "inf", which pandas and numpy read back
+    with atomic_path(str(output_dir / "metrics_per_pair.csv")) as tmp, open(tmp, "w", newline="") as f:
+        # NaN / inf stay as "nan" / "inf", which pandas and numpy read back
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-
-    _atomic_write(output_dir / "metrics_per_pair.csv", write_csv)
-    _atomic_write(output_dir / "metrics.json", lambda f: json.dump(summary, f, indent=2, allow_nan=False))
+    with atomic_path(str(output_dir / "metrics.json")) as tmp, open(tmp, "w") as f:
+        json.dump(summary, f, indent=2, allow_nan=False)
     return summary
+
+
+def format_summary(summary: dict) -> str:
+    """A Markdown table (metric, mean, std, 30th percentile) of ``evaluate_folder``'s result."""
+    lines = [f"{summary['num_pairs']} pairs, labels {summary['labels']}", "", "| metric | mean | std | p30 |", "|---|---|---|---|"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    for name in METRICS:
+        s = summary[name]
+        lines.append(f"| {name} | {fmt(s['mean'])} | {fmt(s['std'])} | {fmt(s['p30'])} |")
+    return "\n".join(lines)

@@ -19,8 +19,12 @@ import glob
 import json
 import os
 import re
+import tempfile
 
-__all__ = ["DatasetError", "read_index", "training_cases", "pairs", "case_id", "disp_name"]
+import nibabel as nib
+import numpy as np
+
+__all__ = ["DatasetError", "read_index", "training_cases", "pairs", "case_id", "disp_name", "save_nifti", "atomic_path"]
 
 
 class DatasetError(ValueError):
@@ -28,10 +32,10 @@ class DatasetError(ValueError):
 
 
 def case_id(path: str) -> str:
-    """The 4-digit case id of an image path: ``HippocampusMR_0201_0000.nii.gz`` -> "0201",
-    ``hippocampus_017.nii.gz`` -> "0017"."""
+    """The 4-digit case id of an image path: ``HippocampusMR_0201_0000.nii.gz`` -> "0201" (the
+    last 4 digits are the modality), ``hippocampus_017.nii.gz`` -> "0017"."""
     name = os.path.basename(path).split(".")[0]
-    name = re.sub(r"_0000$", "", name)
+    name = re.sub(r"_(\d{4})_\d{4}$", r"_\1", name)
     match = re.search(r"(\d+)$", name)
     if match is None:
         raise DatasetError(f"{path}: cannot read a case number from the file name")
@@ -89,6 +93,10 @@ def _all_cases(dataset_dir: str) -> tuple[str, dict, list[dict]]:
         image = _resolve(dataset_dir, path, entry["image"])
         cases.append({"id": case_id(image), "image": image, "label": _resolve(dataset_dir, path, entry["label"])})
     cases.sort(key=lambda c: c["id"])
+    ids = [c["id"] for c in cases]
+    duplicated = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicated:
+        raise DatasetError(f"{path}: several training images share the case ids {duplicated}")
     return path, index, cases
 
 
@@ -113,10 +121,11 @@ def _msd_val_cases(cases: list[dict], num_val: int, path: str) -> list[dict]:
 def training_cases(dataset_dir: str, num_val: int = 40, exclude_val: bool = True) -> list[dict]:
     """Cases to train on: every labelled training case, minus those in the validation pairs."""
     path, index, cases = _all_cases(dataset_dir)
-    if not exclude_val:
+    if not exclude_val or (_is_learn2reg(index) and not index["registration_val"]):
         return cases
-    held_out = {p["fixed_image"] for p in pairs(dataset_dir, "registration_val", num_val)}
-    held_out |= {p["moving_image"] for p in pairs(dataset_dir, "registration_val", num_val)}
+    held_out = set()
+    for p in pairs(dataset_dir, "registration_val", num_val):
+        held_out |= {p["fixed_image"], p["moving_image"]}
     kept = [c for c in cases if c["image"] not in held_out]
     if len(kept) < 2:
         raise DatasetError(f"{path}: fewer than 2 training cases are left outside the validation pairs")
@@ -139,7 +148,7 @@ def pairs(dataset_dir: str, selection: str = "registration_val", num_val: int = 
             if selection == "registration_test":
                 raise DatasetError(f"{path}: an MSD dataset has no registration_test pairs; give a pair list file")
             val = [c["image"] for c in _msd_val_cases(cases, num_val, path)]
-            return [_pair(f, m) for f, m in zip(val, val[::-1])]
+            return [_pair(f, m) for f, m in zip(val, val[::-1]) if f != m]
         entries, source = index.get(selection), path
     else:
         entries, source = _read_pair_file(selection), selection
@@ -166,3 +175,30 @@ def _read_pair_file(path: str) -> list:
     if rows and not {"fixed", "moving"} <= set(rows[0]):
         raise DatasetError(f"{path}: the CSV header must name the columns 'fixed' and 'moving'")
     return rows
+
+
+class atomic_path:
+    """Context manager giving a temporary path next to ``path``, renamed to ``path`` on success and
+    removed on failure, so no half-written output is ever left under the final name."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        folder, name = os.path.split(os.path.abspath(path))
+        # Keep the extension (.nii.gz, .png): writers pick the format from it.
+        fd, self.tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + name, dir=folder)
+        os.close(fd)
+
+    def __enter__(self) -> str:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        elif os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
+    """Writes ``array`` (raw array axes, no reorientation) with ``affine`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        nib.save(nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64)), tmp)

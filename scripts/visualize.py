@@ -63,5 +63,5 @@ def pair_figure(moving, fixed, warped, ddf, fixed_label=None, warped_label=None,
         ax.set_yticks([])
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.92 if title else 1))
     return fig

@@ -3,13 +3,18 @@
 MONAI's ``SupervisedTrainer`` / ``SupervisedEvaluator`` assume one input and one target; a
 registration pair has two images and two label maps, and the loss reports several terms. These
 callables are passed as ``iteration_update`` and keep everything else (handlers, metrics, DDP,
-checkpoints, events) MONAI's.
+checkpoints, events) MONAI's. Like MONAI's own iterations they set ``engine.state.output`` and
+fire ``IterationEvents``; MONAI decollates the batch and runs ``postprocessing`` on
+``MODEL_COMPLETED``.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 from ignite.engine import Engine
+from monai.engines.utils import IterationEvents
 from monai.networks.utils import one_hot
 
 from scripts.deformation import warp_image, warp_labels_nearest
@@ -52,7 +57,9 @@ class RegistrationTrainStep:
         else:
             terms["loss"].backward()
             engine.optimizer.step()
-        return {k: v.item() for k, v in terms.items()}
+        engine.state.output = {k: v.item() for k, v in terms.items()}
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
 
 
 class RegistrationEvalStep:
@@ -61,23 +68,35 @@ class RegistrationEvalStep:
     Engine output (batched, before MONAI decollates it): ``pred`` the warped moving label map and
     ``label`` the fixed label map, both one-hot (B, num_labels, H, W, D), ready for MONAI's
     ``MeanDice`` / ``HausdorffDistance`` handlers; ``ddf`` (B, 3, H, W, D) in voxels; and
-    ``moving_image``, ``fixed_image``, ``warped_image`` (B, C, H, W, D) for pictures.
+    ``moving_image``, ``fixed_image``, ``warped_image`` (B, C, H, W, D) for pictures;
+    ``seconds`` (B,) the network + integration time per pair (the batch time divided by B);
+    with ``inverse``, also ``ddf_inverse`` (B, 3, H, W, D), the fixed->moving field on the moving grid.
 
     Args:
         num_labels: classes including background.
+        inverse: also predict the fixed->moving field (the same network with the images swapped).
     """
 
-    def __init__(self, num_labels: int) -> None:
+    def __init__(self, num_labels: int, inverse: bool = False) -> None:
         self.num_labels = int(num_labels)
+        self.inverse = bool(inverse)
+
+    @staticmethod
+    def _ddf(engine: Engine, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        image = torch.cat([moving, fixed], dim=1)
+        with torch.no_grad(), torch.autocast(device_type=torch.device(engine.state.device).type, enabled=engine.amp):
+            return engine.inferer(image, engine.network).float()
 
     def __call__(self, engine: Engine, batchdata: dict) -> dict[str, torch.Tensor]:
         batch = pair_to_device(batchdata, engine.state.device)
-        image = torch.cat([batch["moving_image"], batch["fixed_image"]], dim=1)
+        moving, fixed = batch["moving_image"], batch["fixed_image"]
         engine.network.eval()
-        with torch.no_grad(), torch.autocast(device_type=torch.device(engine.state.device).type, enabled=engine.amp):
-            ddf = engine.inferer(image, engine.network).float()
+        start = time.perf_counter()
+        ddf = self._ddf(engine, moving, fixed)
+        seconds = (time.perf_counter() - start) / moving.shape[0]
         out = {
             "ddf": ddf,
+            "seconds": torch.full((moving.shape[0],), seconds),
             "moving_image": batch["moving_image"],
             "fixed_image": batch["fixed_image"],
             "warped_image": warp_image(batch["moving_image"], ddf),
@@ -86,4 +105,9 @@ class RegistrationEvalStep:
             warped = warp_labels_nearest(batch["moving_label"].long(), ddf)
             out["pred"] = one_hot(warped, self.num_labels)
             out["label"] = one_hot(batch["fixed_label"].long(), self.num_labels)
-        return out
+        if self.inverse:
+            out["ddf_inverse"] = self._ddf(engine, fixed, moving)
+        engine.state.output = out
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output

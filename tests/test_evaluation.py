@@ -7,7 +7,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.evaluation import disp_filename, evaluate_folder
+from scripts.evaluation import evaluate_folder
+from scripts.learn2reg import disp_name as disp_filename
 from scripts.metrics import dice_per_label, warp_labels_official
 
 SHAPE = (12, 12, 12)

@@ -1,0 +1,176 @@
+"""Tests of scripts/networks.py: identity at initialisation, output shapes and ranges, one set of
+weights for both directions, the authors' size, configurability, input checks and TorchScript tracing."""
+
+import warnings
+
+import pytest
+import torch
+
+from scripts.deformation import gradient_to_ddf, warp_image
+from scripts.networks import SpatialGradientRegNet
+
+SMALL = dict(channels=(4, 8, 16, 32, 64))  # default depth (5 levels, 4 deep-supervision heads), tiny widths
+SIZE = (16, 16, 32)  # divisible by 16; anisotropic so an axis mix-up would show
+
+
+def randomise_heads(net, scale=0.05, seed=0):
+    """The zero heads make every output the identity; give them small random weights instead."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head in [net.head, *net.ds_heads]:
+            head.weight.copy_(scale * torch.randn(head.weight.shape, generator=gen))
+            head.bias.copy_(scale * torch.randn(head.bias.shape, generator=gen))
+    return net
+
+
+def pair(batch=2, in_channels=1, size=SIZE, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 2 * in_channels, *size, generator=gen)
+
+
+# --------------------------------------------------------------------------- identity at initialisation
+def test_zero_head_gives_exact_identity():
+    net = SpatialGradientRegNet(**SMALL).eval()
+    image = pair()
+    with torch.no_grad():
+        ddf = net(image)
+    assert ddf.shape == (2, 3, *SIZE)
+    assert torch.count_nonzero(ddf) == 0
+    warped = warp_image(image[:, :1], ddf)
+    assert torch.allclose(warped, image[:, :1], atol=1e-5)
+    # training outputs are exactly g == 1 for every head and both directions
+    out = net.train()(image)
+    for key in ("grad_mf", "grad_fm"):
+        assert torch.equal(out[key], torch.ones_like(out[key]))
+
+
+# --------------------------------------------------------------------------- training outputs
+@pytest.mark.parametrize("deep_supervision, n_out", [(True, 5), (False, 1)])
+def test_training_output_shapes_and_range(deep_supervision, n_out):
+    net = randomise_heads(SpatialGradientRegNet(**SMALL, deep_supervision=deep_supervision), scale=0.05).train()
+    out = net(pair())
+    assert set(out) == {"grad_mf", "grad_fm"}
+    for g in out.values():
+        assert g.shape == (2, n_out, 3, *SIZE)
+        assert (g > 0).all() and (g < 2).all()
+        assert g.std() > 1e-3  # not the identity any more: the check above is not vacuous
+    assert len(net.ds_heads) == n_out - 1
+
+
+def test_final_output_is_first_and_matches_eval():
+    net = randomise_heads(SpatialGradientRegNet(**SMALL)).train()
+    image = pair()
+    with torch.no_grad():
+        g = net(image)["grad_mf"]
+        ddf = net.eval()(image)
+    assert torch.allclose(ddf, gradient_to_ddf(g[:, 0]), atol=1e-5)
+    # the deep-supervision heads differ from the final head
+    assert not torch.allclose(g[:, 0], g[:, 1])
+
+
+def test_both_directions_share_all_weights():
+    net = randomise_heads(SpatialGradientRegNet(**SMALL), seed=3)
+    # one encoder and one decoder module; no per-direction copies of anything
+    names = {n.split(".")[0] for n, _ in net.named_parameters()}
+    assert names == {"encoder", "decoder", "head", "ds_heads"}
+    # no layer keeps running statistics (instance norm without tracking, no dropout), so train and
+    # eval compute the same thing, and the batch position of a case does not matter
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    assert not any(getattr(m, "track_running_stats", False) for m in net.modules())
+    assert not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in net.modules())
+
+    image = pair(seed=4)
+    moving, fixed = image[:, :1], image[:, 1:]
+    with torch.no_grad():
+        out = net.train()(torch.cat([moving, fixed], 1))
+        ddf_fm = net.eval()(torch.cat([fixed, moving], 1))
+    assert torch.allclose(ddf_fm, gradient_to_ddf(out["grad_fm"][:, 0]), atol=1e-5)
+    assert not torch.allclose(out["grad_fm"], out["grad_mf"], atol=1e-3)  # the directions do differ
+
+
+def test_symmetric_false_has_one_direction():
+    out = SpatialGradientRegNet(**SMALL, symmetric=False).train()(pair(batch=1))
+    assert set(out) == {"grad_mf"}
+
+
+def test_training_gradient_reaches_every_parameter():
+    net = randomise_heads(SpatialGradientRegNet(**SMALL)).train()
+    out = net(pair(batch=1))
+    (out["grad_mf"].square().mean() + out["grad_fm"].pow(3).mean()).backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing
+
+
+# --------------------------------------------------------------------------- size and configurability
+def test_default_parameter_count():
+    net = SpatialGradientRegNet()
+    assert sum(p.numel() for p in net.parameters()) == 30_823_311  # about 30.8 M (method.md)
+    assert len(net.ds_heads) == 4
+
+
+def test_every_size_is_an_argument():
+    net = SpatialGradientRegNet(
+        in_channels=3,
+        channels=(4, 8, 16),
+        encoder_convs=(1, 1),
+        decoder_convs=(1, 2),
+        act="relu",
+        norm=None,
+        decoder_residual=False,
+        deep_supervision=False,
+        symmetric=False,
+    )
+    assert len(net.encoder.down) == 2 and len(net.decoder.up) == 2
+    assert [len(b) for b in net.encoder.down] == [2, 2]  # strided conv + 1 conv each
+    assert [len(b.rest) for b in net.decoder.up] == [0, 1]  # convs per stage (1, 2): first + rest
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())
+    assert any(isinstance(m, torch.nn.ReLU) for m in net.modules())
+    assert not any(isinstance(m, torch.nn.LeakyReLU) for m in net.modules())
+    image = pair(batch=1, in_channels=3, size=(8, 12, 4))  # only needs divisibility by 2**2
+    out = net.train()(image)
+    assert set(out) == {"grad_mf"} and out["grad_mf"].shape == (1, 1, 3, 8, 12, 4)
+    assert net.eval()(image).shape == (1, 3, 8, 12, 4)
+    # a wider config really changes the layer widths
+    wide = SpatialGradientRegNet(channels=(8, 16, 32, 64, 128))
+    assert wide.encoder.in_conv1.conv.out_channels == 8 and wide.head.in_channels == 8
+    assert SpatialGradientRegNet(**SMALL).encoder.down[3][0].conv.out_channels == 64
+
+
+def test_default_activation_and_norm():
+    net = SpatialGradientRegNet(**SMALL)
+    acts = [m for m in net.modules() if isinstance(m, torch.nn.LeakyReLU)]
+    assert acts and all(m.negative_slope == 0.01 for m in acts)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert norms and not any(m.affine for m in norms)
+    # the input block has no normalisation
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in net.encoder.in_conv1.modules())
+
+
+@pytest.mark.parametrize(
+    "shape, expected, given",
+    [
+        ((1, 3, 16, 16, 16), "2 channels", "got 3"),
+        ((1, 2, 16, 16), r"\(B, 2, H, W, D\)", r"\(1, 2, 16, 16\)"),
+        ((2, 2, 16, 16, 16, 1), r"\(B, 2, H, W, D\)", r"\(2, 2, 16, 16, 16, 1\)"),
+        ((1, 2, 16, 24, 16), "divisible by 16", r"\(16, 24, 16\)"),
+    ],
+)
+def test_clear_input_errors(shape, expected, given):
+    net = SpatialGradientRegNet(**SMALL)
+    with pytest.raises(ValueError, match=expected) as err:
+        net(torch.zeros(shape))
+    assert err.match(given)
+
+
+# --------------------------------------------------------------------------- export
+def test_jit_trace_matches_eager():
+    net = randomise_heads(SpatialGradientRegNet(**SMALL)).eval()
+    example = pair(batch=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings of the shape checks and torch's deprecation notice
+        traced = torch.jit.trace(net, example)
+    new = pair(batch=1, seed=7)
+    with torch.no_grad():
+        eager, scripted = net(new), traced(new)
+    assert eager.abs().max() > 1e-3  # not the zero field
+    assert torch.allclose(eager, scripted, atol=1e-5)
