@@ -75,7 +75,12 @@ class PairDataset(Dataset):
         pair = dict(self.pairs[index])
         for role in ("moving", "fixed"):
             case = {k: pair.pop(f"{role}_{k}") for k in ("image", "label") if f"{role}_{k}" in pair}
-            case = apply_transform(self.transform, case)
+            try:
+                case = apply_transform(self.transform, case)
+            except Exception as e:
+                # Some readers' errors (a truncated gzip) do not say which file they were reading.
+                files = " and ".join(str(v) for v in case.values())
+                raise ValueError(f"{role} {files}: {_root_cause(e)}") from e
             pair.update({f"{role}_{k}": v for k, v in case.items()})
         return pair
 
@@ -83,15 +88,18 @@ class PairDataset(Dataset):
 def check_dataset(dataset: Dataset) -> Dataset:
     """Loads every item once, before any output is written, so that a bad file stops the run early.
 
-    MONAI wraps a transform's exception in layers of RuntimeError; the innermost message (which
-    names the file) is re-raised as a ValueError prefixed by the item. Returns ``dataset``.
+    MONAI wraps a transform's exception in layers of RuntimeError; the innermost message is
+    re-raised as a ValueError prefixed by the item. Returns ``dataset``.
     """
     for i in range(len(dataset)):
         try:
             dataset[i]
         except Exception as e:
-            inner = e
-            while inner.__cause__ is not None:
-                inner = inner.__cause__
-            raise ValueError(f"input {i + 1} of {len(dataset)}: {inner}") from e
+            raise ValueError(f"input {i + 1} of {len(dataset)}: {_root_cause(e)}") from e
     return dataset
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e

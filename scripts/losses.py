@@ -26,10 +26,14 @@ class LocalNCCLoss(nn.Module):
     exactly 1 (nothing to align), identical images give 0, and on textured images the voxel-wise
     values equal MONAI's wherever the window lies inside the image.
 
+    ``eps`` acts on products of MEAN-scale variances: for [0, 1] images a local std of 0.05 gives
+    ``var_pred * var_target`` ~ 6e-6, so eps must be far smaller than that (1e-10, about the 1e-5
+    that sum-scale implementations use, divided by (9**3)**2) or it pulls every ncc towards 1.
+
     ``forward(pred, target)``: (B, C, H, W, D) each -> scalar in [0, 1] (up to round-off).
     """
 
-    def __init__(self, kernel_size: int = 9, eps: float = 1e-5) -> None:
+    def __init__(self, kernel_size: int = 9, eps: float = 1e-10) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")

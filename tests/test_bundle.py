@@ -1,0 +1,178 @@
+"""End-to-end runs of the bundle's real configs on real data, as a user runs them
+(``python -m monai.bundle run ...`` in a subprocess), plus config consistency checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_data" / "HippocampusMR"
+HIPPO = ROOT.parent / "shared" / "data" / "hippocampus_msd"
+TINY = ["--channels", "[4, 8, 16, 32, 64]"]  # a tiny width keeps training runs to seconds
+
+
+def bundle(*args: str, configs=("train",), cwd=ROOT, timeout=600, env=None) -> subprocess.CompletedProcess:
+    files = [f"configs/{c}.json" for c in configs]
+    config = files[0] if len(files) == 1 else repr(files)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def load(name: str) -> dict:
+    return json.loads((ROOT / "configs" / f"{name}.json").read_text())
+
+
+def test_train_and_inference_configs_share_network_and_preprocessing():
+    train, infer = load("train"), load("inference")
+    for key in ("network_def", "preprocessing", "spatial_size", "in_channels", "num_labels", "channels",
+                "deep_supervision", "device"):
+        assert train[key] == infer[key], f"configs/train.json and configs/inference.json disagree on {key}"
+
+
+def test_metadata_matches_configs_and_requirements():
+    meta, infer = load("metadata"), load("inference")
+    for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+                "required_packages_version", "task", "description", "authors", "copyright", "name",
+                "intended_use", "data_source", "network_data_format", "references"):
+        assert key in meta, key
+    fmt = meta["network_data_format"]
+    assert fmt["inputs"]["image"]["num_channels"] == 2 * infer["in_channels"]
+    assert fmt["outputs"]["pred"]["num_channels"] == 3
+    assert fmt["inputs"]["image"]["spatial_shape"] == infer["spatial_size"]
+    assert meta["version"] in meta["changelog"]
+    pins = dict(
+        line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    assert pins["monai"] == meta["monai_version"]
+    for name, version in meta["required_packages_version"].items():
+        assert pins.get(name) == version, f"{name}: requirements.txt {pins.get(name)} != metadata {version}"
+
+
+@pytest.mark.skipif(not HIPPO.is_dir(), reason="needs ../shared/data/hippocampus_msd")
+def test_train_one_epoch_then_resume(tmp_path):
+    """One real epoch on real MSD cases, then a resumed second epoch from the saved checkpoint."""
+    args = [
+        "--dataset_dir", str(HIPPO), "--ckpt_dir", str(tmp_path / "ckpt"), "--log_dir", str(tmp_path / "logs"),
+        "--num_workers", "0", "--batch_size", "2", "--val_interval", "1", *TINY,
+        "--train#cases", "$scripts.learn2reg.training_cases(@dataset_dir, @num_val)[:4]",
+        "--validate#pairs", "$scripts.learn2reg.pairs(@dataset_dir, 'registration_val', @num_val)[:2]",
+    ]
+    proc = ok(bundle(*args, "--max_epochs", "1"))
+    log = proc.stdout + proc.stderr
+    for term in ("loss", "sim", "smooth", "dice", "val_mean_dice", "val_hd95"):
+        assert term in log, term
+    saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert "model.pt" in saved and "checkpoint_epoch=1.pt" in saved, saved
+    state = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=True)
+    assert any(k.startswith("encoder.") for k in state), "model.pt must be a plain state dict"
+    assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+
+    resumed = ok(bundle(*args, "--max_epochs", "2", "--resume_ckpt", str(tmp_path / "ckpt" / "checkpoint_epoch=1.pt")))
+    text = resumed.stdout + resumed.stderr
+    assert "Epoch: 2/2" in text and "Epoch: 1/2" not in text, "resume must continue at epoch 2"
+    assert (tmp_path / "ckpt" / "checkpoint_epoch=2.pt").exists()
+
+
+@pytest.mark.skipif(not HIPPO.is_dir(), reason="needs ../shared/data/hippocampus_msd")
+def test_ddp_two_processes_one_epoch(tmp_path):
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",
+        "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
+        "--dataset_dir", str(HIPPO), "--ckpt_dir", str(tmp_path / "ckpt"), "--log_dir", str(tmp_path / "logs"),
+        "--num_workers", "0", "--batch_size", "1", "--max_epochs", "1", "--val_interval", "1", *TINY,
+        "--train#cases", "$scripts.learn2reg.training_cases(@dataset_dir, @num_val)[:4]",
+        "--validate#pairs", "$scripts.learn2reg.pairs(@dataset_dir, 'registration_val', @num_val)[:2]",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    text = proc.stdout + proc.stderr
+    # 4 cases over 2 ranks with batch 1: 2 iterations per rank, logged by rank 0 only.
+    assert text.count("Epoch: 1/1, Iter: 2/2") == 1, text[-3000:]
+    assert (tmp_path / "ckpt" / "model.pt").exists()
+
+
+def test_embedded_default_inference_then_evaluate(tmp_path):
+    """The README's main command on the shipped sample pairs and weights, then evaluate.json."""
+    out = tmp_path / "eval"
+    ok(bundle("--output_dir", str(out), configs=("inference",)))
+    pairs = json.loads((SAMPLE / "HippocampusMR_dataset.json").read_text())["registration_val"]
+    assert len(pairs) == 4
+    for p in pairs:
+        f_id, m_id = Path(p["fixed"]).name[14:18], Path(p["moving"]).name[14:18]
+        disp = nib.load(out / f"disp_{f_id}_0000_{m_id}_0000.nii.gz")
+        assert disp.shape == (64, 64, 64, 3) and disp.get_data_dtype() == np.float32
+        fixed = nib.load(SAMPLE / p["fixed"])
+        assert np.allclose(disp.affine, fixed.affine)
+        warped = nib.load(out / f"warped_label_{f_id}_{m_id}.nii.gz").get_fdata()
+        assert set(np.unique(warped)) <= {0, 1, 2}
+        assert (out / f"figure_{f_id}_{m_id}.png").stat().st_size > 10_000
+    assert len((out / "timing.csv").read_text().splitlines()) == 5
+    assert not list(out.glob(".tmp-*")), "temporary files left behind"
+
+    proc = ok(bundle("--disp_dir", str(out), configs=("evaluate",)))
+    assert "| dice |" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_pairs"] == 4 and metrics["labels"] == [1, 2]
+
+    # The unregistered baseline on the same pairs: zero fields, same evaluation.
+    zero = tmp_path / "zero"
+    zero.mkdir()
+    for disp_file in out.glob("disp_*.nii.gz"):
+        img = nib.load(disp_file)
+        nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), zero / disp_file.name)
+    ok(bundle("--disp_dir", str(zero), configs=("evaluate",)))
+    baseline = json.loads((zero / "metrics.json").read_text())
+    assert metrics["dice"]["mean"] > baseline["dice"]["mean"] + 0.1, (metrics["dice"], baseline["dice"])
+
+
+def _broken_copy(tmp_path: Path) -> Path:
+    data = tmp_path / "HippocampusMR"
+    shutil.copytree(SAMPLE, data)
+    return data
+
+
+@pytest.mark.parametrize("problem", ["missing", "corrupt", "shape", "empty_pairs", "bad_json"])
+def test_bad_input_stops_before_any_output(tmp_path, problem):
+    data = _broken_copy(tmp_path)
+    index = data / "HippocampusMR_dataset.json"
+    first_fixed = data / json.loads(index.read_text())["registration_val"][0]["fixed"]
+    expected = first_fixed.name
+    if problem == "missing":
+        first_fixed.unlink()
+    elif problem == "corrupt":
+        first_fixed.write_bytes(first_fixed.read_bytes()[:2000])
+    elif problem == "shape":
+        label = data / "labelsTr" / first_fixed.name
+        img = nib.load(label)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, :60], img.affine), label)
+    elif problem == "empty_pairs":
+        content = json.loads(index.read_text())
+        content["registration_val"] = []
+        index.write_text(json.dumps(content))
+        expected = index.name
+    elif problem == "bad_json":
+        index.write_text("{not json")
+        expected = index.name
+    out = tmp_path / "out"
+    proc = bundle("--dataset_dir", str(data), "--output_dir", str(out), configs=("inference",))
+    assert proc.returncode != 0
+    assert expected in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+    assert not out.exists() or not any(out.iterdir()), "output written despite bad input"
