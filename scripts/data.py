@@ -100,6 +100,8 @@ def check_dataset(dataset: Dataset) -> Dataset:
 
 
 def _root_cause(e: BaseException) -> BaseException:
-    while e.__cause__ is not None:
+    # Unwrap only MONAI's RuntimeError layers: stop at our own ValueError (PairDataset's, which names
+    # the file the innermost reader error may not name).
+    while isinstance(e, RuntimeError) and e.__cause__ is not None:
         e = e.__cause__
     return e

@@ -56,7 +56,8 @@ class CheckImageLabeld(MapTransform):
             if not torch.equal(lab, torch.round(lab)):
                 raise ValueError(f"{lname}: label map has non-integer values")
             found = np.unique(lab.cpu().numpy()).astype(int)
-            bad = [v for v in found if v < 0 or v >= self.num_labels]
+            # plain ints in the message: numpy 2 would print "np.int64(3)"
+            bad = [int(v) for v in found if v < 0 or v >= self.num_labels]
             if bad:
                 raise ValueError(f"{lname}: label values {bad} outside 0..{self.num_labels - 1}")
         return d

@@ -1,0 +1,192 @@
+"""CPU cost of SpatialGradientRegNet: parameters, forward wall time and peak resident memory.
+
+Each case runs in a fresh subprocess, so one case's peak memory cannot mask another's
+(``ru_maxrss`` only ever grows). Prints a Markdown table; ``--json`` also writes the numbers.
+
+Cases are ``MODE:HxWxD:C[:B]``: MODE ``eval`` (the exported path: no_grad, one direction, DDF out)
+or ``train`` (a full training iteration: training-mode forward of both directions with deep
+supervision, the symmetric LNCC + Dice loss, backward and an Adam step); C channels per image, B
+batch (default 1). The network input is the pair, 2*C channels.
+
+    # quick check (a few seconds, ~1 GB)
+    python benchmarks/benchmark_network.py --cases eval:64x64x64:1 --repeats 1
+    # the documented cases (the 192x160x256 eval case needs ~10 GB of RAM)
+    python benchmarks/benchmark_network.py --threads 2 --repeats 3 --json benchmarks/network_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CASES = ["eval:64x64x64:1", "eval:192x160x256:3", "train:64x64x64:1"]
+
+
+def parse_case(text: str) -> dict:
+    parts = text.split(":")
+    if len(parts) not in (3, 4) or parts[0] not in ("eval", "train"):
+        raise argparse.ArgumentTypeError(f"case must be MODE:HxWxD:C[:B] with MODE eval or train, got {text!r}")
+    size = tuple(int(s) for s in parts[1].lower().split("x"))
+    if len(size) != 3:
+        raise argparse.ArgumentTypeError(f"size must be HxWxD, got {parts[1]!r}")
+    batch = int(parts[3]) if len(parts) == 4 else 1
+    return {"mode": parts[0], "size": size, "in_channels": int(parts[2]), "batch": batch}
+
+
+def rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def worker(case: dict, channels: tuple[int, ...], repeats: int, warmup: int, threads: int) -> dict:
+    """One case in this (fresh) process; returns the measurements."""
+    import warnings
+
+    import torch
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(threads)
+    sys.path.insert(0, str(ROOT))
+    from scripts.losses import SymmetricRegistrationLoss
+    from scripts.networks import SpatialGradientRegNet
+
+    torch.manual_seed(0)
+    net = SpatialGradientRegNet(in_channels=case["in_channels"], channels=channels)
+    n_params = sum(p.numel() for p in net.parameters())
+    b, c, size = case["batch"], case["in_channels"], case["size"]
+    image = torch.rand(b, 2 * c, *size)
+    rss_model = rss_mb()
+
+    if case["mode"] == "eval":
+        net.eval()
+
+        def step():
+            with torch.no_grad():
+                net(image)
+
+    else:
+        net.train()
+        loss_fn = SymmetricRegistrationLoss(similarity="lncc", num_labels=3)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+        batch = {
+            "moving_image": image[:, :c],
+            "fixed_image": image[:, c:],
+            "moving_label": torch.randint(0, 3, (b, 1, *size)),
+            "fixed_label": torch.randint(0, 3, (b, 1, *size)),
+        }
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss_fn(net(image), batch).backward()
+            opt.step()
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {
+        **case,
+        "size": list(size),
+        "channels": list(channels),
+        "parameters": n_params,
+        "threads": threads,
+        "warmup": warmup,
+        "repeats": repeats,
+        "time_median_s": statistics.median(times),
+        "time_min_s": min(times),
+        "peak_rss_mb": rss_mb(),
+        "model_rss_mb": rss_model,
+    }
+
+
+def run_case(case_text: str, args) -> dict:
+    cmd = [
+        sys.executable, __file__, "--worker", case_text,
+        "--channels", ",".join(map(str, args.channels)),
+        "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"killed (signal {-proc.returncode})"])[-1]
+        return {**parse_case(case_text), "error": last, "returncode": proc.returncode}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def markdown(results: list[dict]) -> str:
+    head = [
+        "| mode | input (B x 2C x H x W x D) | parameters | median time (s) | min time (s) | peak RSS (MiB) "
+        "| RSS after init (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for r in results:
+        shape = f"{r['batch']} x {2 * r['in_channels']} x " + " x ".join(map(str, r["size"]))
+        if "error" in r:
+            rows.append(f"| {r['mode']} | {shape} | | failed: {r['error']} | | | |")
+            continue
+        rows.append(
+            f"| {r['mode']} | {shape} | {r['parameters']:,} | {r['time_median_s']:.2f} | {r['time_min_s']:.2f} "
+            f"| {r['peak_rss_mb']:,.0f} | {r['model_rss_mb']:,.0f} |"
+        )
+    return "\n".join(head + rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="MODE:HxWxD:C[:B] (default: %(default)s)")
+    parser.add_argument(
+        "--channels",
+        type=lambda s: tuple(int(x) for x in s.split(",")),
+        default=(32, 64, 128, 256, 512),
+        help="encoder channels per level, comma separated (default: the authors' 32,64,128,256,512)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case; the median is reported")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one case in this process
+    args = parser.parse_args(argv)
+    for c in args.cases + ([args.worker] if args.worker else []):
+        try:
+            parse_case(c)  # fail early on a typo
+        except argparse.ArgumentTypeError as err:
+            parser.error(str(err))
+
+    if args.worker:
+        print(json.dumps(worker(parse_case(args.worker), args.channels, args.repeats, args.warmup, args.threads)))
+        return 0
+
+    import torch
+
+    results = []
+    for case in args.cases:
+        print(f"running {case} ...", file=sys.stderr, flush=True)
+        results.append(run_case(case, args))
+    print(
+        f"SpatialGradientRegNet(channels={args.channels}) on CPU ({platform.processor() or platform.machine()}, "
+        f"{args.threads} thread(s)), torch {torch.__version__}; {args.warmup} warm-up + {args.repeats} timed run(s) "
+        "per case, each case in a fresh process.\n"
+    )
+    print(markdown(results))
+    if args.json:
+        meta = {"torch": torch.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count()}
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Tests of scripts/data.py (random and listed pairs, identical augmentation of both images) and of
+scripts/workflow.py (the pair steps inside real MONAI SupervisedTrainer / SupervisedEvaluator)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import smooth_volume
+from monai.data import DataLoader
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import MeanDice, from_engine
+from monai.transforms import Compose, RandAffined, RandFlipd
+
+from scripts.data import PairDataset, RandomPairDataset, check_dataset
+from scripts.losses import SymmetricRegistrationLoss
+from scripts.networks import SpatialGradientRegNet
+from scripts.workflow import RegistrationEvalStep, RegistrationTrainStep
+
+PAIR_KEYS = ["moving_image", "fixed_image", "moving_label", "fixed_label"]
+
+
+def id_cases(n, shape=(2, 2, 2)):
+    """Case i: image filled with i, label filled with 10 + i, so pairs can be read back."""
+    return [
+        {"image": np.full((1, *shape), float(i), np.float32), "label": np.full((1, *shape), 10 + i), "extra": i}
+        for i in range(n)
+    ]
+
+
+def ids(pair):
+    return int(pair["moving_image"].flat[0]), int(pair["fixed_image"].flat[0])
+
+
+# --------------------------------------------------------------------------- RandomPairDataset
+def test_random_pairs_never_self_and_moving_is_the_index():
+    n = 5
+    ds = RandomPairDataset(id_cases(n)).set_random_state(seed=0)
+    assert len(ds) == n
+    fixed_seen = {i: set() for i in range(n)}
+    for _epoch in range(40):
+        movings = []
+        for i in range(n):
+            pair = ds[i]
+            m, f = ids(pair)
+            assert m == i and f != i
+            assert int(pair["moving_label"].flat[0]) == 10 + m and int(pair["fixed_label"].flat[0]) == 10 + f
+            assert "moving_extra" not in pair  # only the requested keys are carried
+            movings.append(m)
+            fixed_seen[i].add(f)
+        assert sorted(movings) == list(range(n))  # each case is the moving image exactly once per pass
+    # every other case gets drawn as the fixed image
+    assert all(fixed_seen[i] == set(range(n)) - {i} for i in range(n))
+
+
+def test_two_cases_always_pair_with_each_other():
+    ds = RandomPairDataset(id_cases(2)).set_random_state(seed=1)
+    assert [ids(ds[i]) for i in (0, 1, 0, 1)] == [(0, 1), (1, 0), (0, 1), (1, 0)]
+    with pytest.raises(ValueError, match="at least 2"):
+        RandomPairDataset(id_cases(1))
+
+
+def test_fixed_choice_is_random_and_reproducible():
+    def draws(seed):
+        ds = RandomPairDataset(id_cases(6)).set_random_state(seed=seed)
+        return [ids(ds[i % 6])[1] for i in range(60)]
+
+    assert draws(3) == draws(3)
+    assert draws(3) != draws(4)
+
+
+def test_missing_label_keys_are_skipped():
+    cases = [{"image": np.full((1, 2, 2, 2), float(i), np.float32)} for i in range(3)]
+    pair = RandomPairDataset(cases).set_random_state(seed=0)[1]
+    assert set(pair) == {"moving_image", "fixed_image"}
+
+
+def _augmentation():
+    return Compose(
+        [
+            RandFlipd(keys=PAIR_KEYS, prob=0.5, spatial_axis=0),
+            RandAffined(
+                keys=PAIR_KEYS,
+                prob=1.0,
+                rotate_range=(0.3, 0.3, 0.3),
+                translate_range=(2, 2, 2),
+                scale_range=(0.1, 0.1, 0.1),
+                mode=("bilinear", "bilinear", "nearest", "nearest"),
+                padding_mode=("border", "border", "zeros", "zeros"),
+            ),
+        ]
+    )
+
+
+def test_augmentation_is_identical_for_moving_and_fixed():
+    shape = (12, 12, 12)
+    image = smooth_volume(shape, seed=0)[None]
+    label = (image > 0.5).astype(np.int64)
+    same = [{"image": image.copy(), "label": label.copy()} for _ in range(2)]  # two cases, same arrays
+    ds = RandomPairDataset(same, transform=_augmentation()).set_random_state(seed=0)
+    outs = [ds[i % 2] for i in range(6)]
+    for out in outs:
+        np.testing.assert_array_equal(np.asarray(out["moving_image"]), np.asarray(out["fixed_image"]))
+        np.testing.assert_array_equal(np.asarray(out["moving_label"]), np.asarray(out["fixed_label"]))
+        assert not np.allclose(np.asarray(out["moving_image"]), image, atol=1e-3)  # it did augment
+    # and draws differ between items (a fresh random transform each time)
+    assert not np.allclose(np.asarray(outs[0]["moving_image"]), np.asarray(outs[1]["moving_image"]))
+    # set_random_state reseeds the augmentation too: same seed, same outputs
+    again = RandomPairDataset(same, transform=_augmentation()).set_random_state(seed=0)
+    np.testing.assert_allclose(np.asarray(again[0]["moving_image"]), np.asarray(outs[0]["moving_image"]))
+
+
+def test_random_pairs_collate_in_a_dataloader():
+    ds = RandomPairDataset(id_cases(4, shape=(4, 4, 4))).set_random_state(seed=0)
+    batches = list(DataLoader(ds, batch_size=2, num_workers=0))
+    assert len(batches) == 2
+    assert batches[0]["moving_image"].shape == (2, 1, 4, 4, 4)
+
+
+# --------------------------------------------------------------------------- PairDataset
+def test_pair_dataset_transforms_both_and_passes_ids():
+    calls = []
+
+    def per_case(case):
+        calls.append(sorted(case))
+        out = dict(case)
+        out["image"] = case["image"] * 2 + 1
+        if "label" in case:
+            out["label"] = case["label"] + 100
+        return out
+
+    pairs = [
+        {
+            "moving_image": np.full((1, 2, 2, 2), 1.0),
+            "fixed_image": np.full((1, 2, 2, 2), 3.0),
+            "moving_label": np.full((1, 2, 2, 2), 1),
+            "fixed_label": np.full((1, 2, 2, 2), 2),
+            "moving_id": "0007",
+            "fixed_id": "0003",
+        },
+        {"moving_image": np.zeros((1, 2, 2, 2)), "fixed_image": np.ones((1, 2, 2, 2)), "pair": 1},
+    ]
+    ds = PairDataset(pairs, transform=per_case)
+    assert len(ds) == 2
+    out = ds[0]
+    assert calls == [["image", "label"], ["image", "label"]]
+    assert out["moving_image"].flat[0] == 3.0 and out["fixed_image"].flat[0] == 7.0
+    assert out["moving_label"].flat[0] == 101 and out["fixed_label"].flat[0] == 102
+    assert out["moving_id"] == "0007" and out["fixed_id"] == "0003"
+    assert set(out) == set(pairs[0])
+    assert pairs[0]["moving_image"].flat[0] == 1.0 and "moving_label" in pairs[0]  # input untouched
+    out = ds[1]
+    assert set(out) == {"moving_image", "fixed_image", "pair"} and out["pair"] == 1
+    assert out["fixed_image"].flat[0] == 3.0
+
+
+def test_pair_dataset_errors_name_role_and_file():
+    def loader(case):
+        if "broken" in str(case["image"]):
+            raise RuntimeError("applying transform") from OSError("Compressed file ended before the end-of-stream")
+        return case
+
+    pairs = [
+        {"moving_image": "/d/imagesTr/a.nii.gz", "fixed_image": "/d/imagesTr/b.nii.gz"},
+        {"moving_image": "/d/imagesTr/a.nii.gz", "fixed_image": "/d/imagesTr/broken.nii.gz"},
+    ]
+    ds = PairDataset(pairs, transform=loader)
+    assert ds[0]["fixed_image"] == "/d/imagesTr/b.nii.gz"
+    with pytest.raises(ValueError, match=r"fixed /d/imagesTr/broken\.nii\.gz: Compressed file ended"):
+        ds[1]
+    # check_dataset loads everything up front and says which item failed
+    with pytest.raises(ValueError, match=r"input 2 of 2: .*broken\.nii\.gz.*Compressed file ended"):
+        check_dataset(ds)
+    assert check_dataset(PairDataset(pairs[:1], transform=loader)) is not None
+
+
+# --------------------------------------------------------------------------- workflow with MONAI engines
+SHAPE = (16, 16, 32)  # divisible by 16, and > 1 voxel at the bottleneck for training-mode instance norm
+
+
+def image_cases(n, with_labels=True):
+    cases = []
+    for i in range(n):
+        img = smooth_volume(SHAPE, seed=i)[None]
+        case = {"image": img}
+        if with_labels:
+            case["label"] = np.digitize(img, [0.4, 0.6]).astype(np.int64)  # labels 0, 1, 2
+        cases.append(case)
+    return cases
+
+
+def tiny_net():
+    return SpatialGradientRegNet(channels=(4, 8, 16, 32, 64))
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_train_step_in_supervised_trainer(with_labels):
+    net = tiny_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    loader = DataLoader(RandomPairDataset(image_cases(3, with_labels)).set_random_state(seed=0), batch_size=2)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=loader,
+        network=net,
+        optimizer=torch.optim.Adam(net.parameters(), lr=1e-3),
+        loss_function=SymmetricRegistrationLoss(similarity="lncc", lncc_kernel_size=5),
+        iteration_update=RegistrationTrainStep(),
+    )
+    trainer.run()
+    assert trainer.state.iteration == 2
+    out = trainer.state.output
+    if isinstance(out, list):  # MONAI may decollate the engine output
+        out = out[0]
+    expected = {"loss", "sim", "smooth", "dice"} if with_labels else {"loss", "sim", "smooth"}
+    assert set(out) == expected
+    for k, v in out.items():
+        assert isinstance(v, float) and math.isfinite(v), (k, v)
+    changed = [k for k, v in net.state_dict().items() if not torch.equal(v, before[k])]
+    assert "head.weight" in changed and "head.bias" in changed
+
+
+def test_eval_step_with_mean_dice_is_one_at_identity():
+    cases = image_cases(2)
+    pairs = [
+        {"moving_image": cases[0]["image"], "fixed_image": cases[1]["image"], "moving_label": cases[0]["label"],
+         "fixed_label": cases[0]["label"].copy()},
+        {"moving_image": cases[1]["image"], "fixed_image": cases[0]["image"], "moving_label": cases[1]["label"],
+         "fixed_label": cases[1]["label"].copy()},
+    ]
+    loader = DataLoader(PairDataset(pairs, transform=lambda c: c), batch_size=2)
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=loader,
+        network=tiny_net(),
+        iteration_update=RegistrationEvalStep(num_labels=3),
+        key_val_metric={"dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
+    )
+    evaluator.run()
+    assert evaluator.state.metrics["dice"] == pytest.approx(1.0)
+    # not trivially 1: with the other case's label map as the fixed labels it is lower
+    for p, other in zip(pairs, (cases[1], cases[0])):
+        p["fixed_label"] = other["label"]
+    evaluator.run()
+    assert evaluator.state.metrics["dice"] < 0.9
+    out = evaluator.state.output
+    first = out[0] if isinstance(out, list) else out
+    assert tuple(first["ddf"].shape[-4:]) == (3, *SHAPE)
+    assert torch.count_nonzero(first["ddf"]) == 0
+
+
+def test_eval_step_inverse_is_the_swapped_pair():
+    net = tiny_net()
+    with torch.no_grad():
+        for head in [net.head, *net.ds_heads]:
+            head.weight.normal_(0, 0.05)
+    cases = image_cases(2, with_labels=False)
+    pairs = [{"moving_image": cases[0]["image"], "fixed_image": cases[1]["image"]}]
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(PairDataset(pairs, transform=lambda c: c), batch_size=1),
+        network=net,
+        iteration_update=RegistrationEvalStep(num_labels=3, inverse=True),
+    )
+    evaluator.run()
+    out = evaluator.state.output
+    out = out[0] if isinstance(out, list) else out
+    m, f = torch.from_numpy(cases[0]["image"])[None], torch.from_numpy(cases[1]["image"])[None]
+    with torch.no_grad():
+        net.eval()
+        expected_fwd, expected_inv = net(torch.cat([m, f], 1)), net(torch.cat([f, m], 1))
+    assert torch.allclose(out["ddf"].reshape(expected_fwd.shape), expected_fwd, atol=1e-5)
+    assert torch.allclose(out["ddf_inverse"].reshape(expected_inv.shape), expected_inv, atol=1e-5)
+    assert not torch.allclose(expected_fwd, expected_inv, atol=1e-3)
+    assert "pred" not in out  # no labels, no Dice inputs
