@@ -16,28 +16,32 @@ __all__ = ["LocalNCCLoss", "SymmetricRegistrationLoss"]
 class LocalNCCLoss(nn.Module):
     """1 - mean squared local normalised cross-correlation over a cubic box window.
 
-    ``ncc = (cross**2 + eps) / (var_pred * var_target + eps)`` with local means, variances and
-    covariance over ``kernel_size**3`` voxels (the window is cut at the image border).
+    ``ncc = cross**2 / (var_pred * var_target + eps)`` with local means, variances and covariance
+    over ``kernel_size**3`` voxels (the window is cut at the image border); a window where BOTH
+    images are flat (variance below ``flat``) counts as a match (ncc = 1): there is nothing to align.
+    A window flat in one image only gives ncc ~ 0, so pulling flat padding over anatomy is penalised.
 
     Why not ``monai.losses.LocalNormalizedCrossCorrelationLoss``: it clamps the variances at
     ``smooth_dr`` instead of adding a constant, so on the flat zero-padded background of the
     hippocampus volumes (about 3/4 of a 64^3 volume) round-off gives squared NCC values up to ~9
-    for two identical images, and the background dominates the loss. Here flat regions give
-    exactly 1 (nothing to align), identical images give 0, and on textured images the voxel-wise
-    values equal MONAI's wherever the window lies inside the image.
+    for two identical images, and the background dominates the loss. Here identical images give
+    0 (up to eps), and on textured images the voxel-wise values equal MONAI's wherever the window
+    lies inside the image.
 
     ``eps`` acts on products of MEAN-scale variances: for [0, 1] images a local std of 0.05 gives
-    ``var_pred * var_target`` ~ 6e-6, so eps must be far smaller than that (1e-10, about the 1e-5
-    that sum-scale implementations use, divided by (9**3)**2) or it pulls every ncc towards 1.
+    ``var_pred * var_target`` ~ 6e-6, so eps must be far smaller than that or it biases ncc; 1e-12
+    is the square of the ``flat`` threshold, so windows just above it are not pulled towards 0.
+    ``flat`` (1e-6, a local std of 1e-3) sits well above float32 round-off of a constant window's
+    variance.
 
     ``forward(pred, target)``: (B, C, H, W, D) each -> scalar in [0, 1] (up to round-off).
     """
 
-    def __init__(self, kernel_size: int = 9, eps: float = 1e-10) -> None:
+    def __init__(self, kernel_size: int = 9, eps: float = 1e-12, flat: float = 1e-6) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
-        self.kernel_size, self.eps = int(kernel_size), float(eps)
+        self.kernel_size, self.eps, self.flat = int(kernel_size), float(eps), float(flat)
 
     def _mean(self, x: torch.Tensor) -> torch.Tensor:
         # A box mean is separable, also where the border cuts the window (the cut box is a product
@@ -55,8 +59,9 @@ class LocalNCCLoss(nn.Module):
         cross = self._mean(p * t) - mp * mt
         vp = (self._mean(p * p) - mp * mp).clamp_min(0)
         vt = (self._mean(t * t) - mt * mt).clamp_min(0)
-        ncc = (cross * cross + self.eps) / (vp * vt + self.eps)
-        return 1 - ncc.mean()
+        ncc = cross * cross / (vp * vt + self.eps)
+        both_flat = (vp < self.flat) & (vt < self.flat)
+        return 1 - torch.where(both_flat, torch.ones_like(ncc), ncc).mean()
 
 
 class SymmetricRegistrationLoss(nn.Module):

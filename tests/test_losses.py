@@ -59,7 +59,8 @@ def test_lncc_zero_padded_identical_is_zero_where_monai_is_not():
     ours = LocalNCCLoss(kernel_size=9)(img, img).item()
     monai_loss = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=9, kernel_type="rectangular")
     monai = monai_loss(img, img).item()
-    assert ours == pytest.approx(0.0, abs=1e-5)
+    # float32 round-off in the few low-variance windows at the rim of the padding: ~1e-5
+    assert ours == pytest.approx(0.0, abs=1e-4)
     assert abs(monai - (-1.0)) > 0.1, f"MONAI's LNCC of identical zero-padded images is {monai}, expected far from -1"
 
 
@@ -84,11 +85,15 @@ def test_lncc_matches_independent_reference_and_monai_interior(contrast):
     assert np.abs(ref - monai_map).max() > 1e-2
 
 
-def test_lncc_flat_windows_count_as_matched():
-    # flat (zero-variance) windows give ncc = 1, also when only one image is flat there
+def test_lncc_flat_windows_match_only_when_both_images_are_flat():
+    # both flat: nothing to align (ncc = 1); one flat: no correlation (ncc = 0), so warping flat
+    # padding over anatomy is penalised
     flat = t(np.full(SIZE, 0.3, np.float32))
     tex = t(smooth_volume(SIZE, seed=6))
-    assert LocalNCCLoss(kernel_size=5)(flat, tex).item() == pytest.approx(0.0, abs=1e-5)
+    loss = LocalNCCLoss(kernel_size=5)
+    assert loss(flat, flat + 0.2).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(flat, tex).item() == pytest.approx(1.0, abs=1e-3)
+    assert loss(tex, flat).item() == pytest.approx(1.0, abs=1e-3)
 
 
 def test_lncc_range_and_symmetry():
