@@ -49,7 +49,8 @@ def padded_image(size=(32, 32, 32), margin=12, background=0.45, seed=0):
 def test_lncc_identical_images_is_zero():
     loss = LocalNCCLoss(kernel_size=5)
     img = t(smooth_volume(SIZE, seed=1))
-    assert loss(img, img).item() == pytest.approx(0.0, abs=1e-5)
+    # eps (VoxelMorph's, bounding gradients in low-variance windows) costs a perfect match ~1e-4
+    assert loss(img, img).item() == pytest.approx(0.0, abs=1e-3)
 
 
 def test_lncc_zero_padded_identical_is_zero_where_monai_is_not():
@@ -59,8 +60,8 @@ def test_lncc_zero_padded_identical_is_zero_where_monai_is_not():
     ours = LocalNCCLoss(kernel_size=9)(img, img).item()
     monai_loss = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=9, kernel_type="rectangular")
     monai = monai_loss(img, img).item()
-    # float32 round-off in the few low-variance windows at the rim of the padding: ~1e-5
-    assert ours == pytest.approx(0.0, abs=1e-4)
+    # eps in the few low-variance windows at the rim of the padding: ~1e-4
+    assert ours == pytest.approx(0.0, abs=1e-3)
     assert abs(monai - (-1.0)) > 0.1, f"MONAI's LNCC of identical zero-padded images is {monai}, expected far from -1"
 
 
@@ -132,7 +133,7 @@ def test_identity_with_identical_pair_is_zero(similarity):
     terms = loss.terms(_identity(), _batch())
     assert set(terms) == {"loss", "sim", "smooth", "dice"}
     for k, v in terms.items():
-        assert v.item() == pytest.approx(0.0, abs=1e-5), k
+        assert v.item() == pytest.approx(0.0, abs=1e-3 if k in ("sim", "loss") else 1e-5), k
 
 
 @pytest.mark.parametrize("similarity", ["mse", "lncc"])
