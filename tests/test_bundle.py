@@ -176,3 +176,15 @@ def test_bad_input_stops_before_any_output(tmp_path, problem):
     assert proc.returncode != 0
     assert expected in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
     assert not out.exists() or not any(out.iterdir()), "output written despite bad input"
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    from scripts.networks import SpatialGradientRegNet
+
+    wrong = tmp_path / "wrong.pt"
+    torch.save(SpatialGradientRegNet(channels=(4, 8, 16, 32, 64)).state_dict(), wrong)
+    out = tmp_path / "out"
+    proc = bundle("--ckpt_path", str(wrong), "--output_dir", str(out), configs=("inference",))
+    assert proc.returncode != 0
+    assert "size mismatch" in proc.stderr, proc.stderr[-3000:]
+    assert not list(out.glob("disp_*")), "a field was written with the wrong weights"
