@@ -39,14 +39,9 @@ def _id(value) -> str:
     return f"{value:04d}" if isinstance(value, (int, np.integer)) else str(value)
 
 
-def _short_filename(fixed_id, moving_id) -> str:
-    # The official script also accepts (for same-modality pairs it in fact requires) this form.
-    return f"disp_{_id(fixed_id)}_{_id(moving_id)}.nii.gz"
-
-
 def _find_disp(disp_dir: Path, pair: dict) -> Path:
     long_name = disp_name(_id(pair["fixed_id"]), _id(pair["moving_id"]))
-    for name in (long_name, _short_filename(pair["fixed_id"], pair["moving_id"])):
+    for name in (long_name, disp_name(_id(pair["fixed_id"]), _id(pair["moving_id"]), "short")):
         if (disp_dir / name).is_file():
             return disp_dir / name
     raise FileNotFoundError(f"{long_name}: displacement file missing in {disp_dir}")

@@ -67,7 +67,8 @@ class RegistrationWriter:
     """Writes the results of each registered pair into ``output_dir`` (attach to an evaluator that
     uses ``scripts.workflow.RegistrationEvalStep``, after MONAI decollated the batch):
 
-    - ``disp_<fixed>_0000_<moving>_0000.nii.gz``: the Learn2Reg displacement file, H x W x D x 3
+    - ``disp_<fixed>_0000_<moving>_0000.nii.gz`` (``disp_<fixed>_<moving>.nii.gz`` with
+      ``disp_name_style="short"``): the Learn2Reg displacement file, H x W x D x 3
       float32 in voxels along the raw array axes, on the fixed grid, with the fixed image's affine;
       with ``inverse``, also the file of the reversed pair (fixed->moving field, moving grid);
     - ``warped_image_<fixed>_<moving>.nii.gz`` and, when the moving image has labels,
@@ -78,8 +79,9 @@ class RegistrationWriter:
     Every file is written under a temporary name and renamed when complete.
     """
 
-    def __init__(self, output_dir: str, figures: bool = True) -> None:
-        self.output_dir, self.figures = output_dir, figures
+    def __init__(self, output_dir: str, figures: bool = True, disp_name_style: str = "long") -> None:
+        disp_name("0", "0", disp_name_style)  # refuse a bad style before anything runs
+        self.output_dir, self.figures, self.disp_name_style = output_dir, figures, disp_name_style
         self._timings: list[tuple[str, str, float]] = []
 
     def attach(self, engine: Engine) -> None:
@@ -99,10 +101,10 @@ class RegistrationWriter:
         f_id, m_id = str(item["fixed_id"]), str(item["moving_id"])
         affine = np.asarray(item["fixed_image"].affine)
         path = lambda name: os.path.join(self.output_dir, name)  # noqa: E731
-        save_nifti(out["ddf"].transpose(1, 2, 3, 0).astype(np.float32), affine, path(disp_name(f_id, m_id)))
+        save_nifti(out["ddf"].transpose(1, 2, 3, 0).astype(np.float32), affine, path(disp_name(f_id, m_id, self.disp_name_style)))
         if "ddf_inverse" in out:
             inv = out["ddf_inverse"].transpose(1, 2, 3, 0).astype(np.float32)
-            save_nifti(inv, np.asarray(item["moving_image"].affine), path(disp_name(m_id, f_id)))
+            save_nifti(inv, np.asarray(item["moving_image"].affine), path(disp_name(m_id, f_id, self.disp_name_style)))
         save_nifti(out["warped_image"][0].astype(np.float32), affine, path(f"warped_image_{f_id}_{m_id}.nii.gz"))
         labels = {}
         if "pred" in out:

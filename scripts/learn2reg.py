@@ -42,9 +42,13 @@ def case_id(path: str) -> str:
     return f"{int(match.group(1)):04d}"
 
 
-def disp_name(fixed_id: str, moving_id: str) -> str:
-    """Learn2Reg displacement file name for a pair (the long form the current evaluation reads)."""
-    return f"disp_{fixed_id}_0000_{moving_id}_0000.nii.gz"
+def disp_name(fixed_id: str, moving_id: str, style: str = "long") -> str:
+    """Learn2Reg displacement file name for a pair: "long" ``disp_<f>_0000_<m>_0000.nii.gz`` (the
+    project convention) or "short" ``disp_<f>_<m>.nii.gz``, which the official
+    ``MDL-UzL/L2R/evaluation/evaluation.py`` (commit e7eccac) requires for same-modality pairs."""
+    if style not in ("long", "short"):
+        raise ValueError(f"disp name style must be 'long' or 'short', got {style!r}")
+    return f"disp_{fixed_id}_{moving_id}.nii.gz" if style == "short" else f"disp_{fixed_id}_0000_{moving_id}_0000.nii.gz"
 
 
 def read_index(dataset_dir: str) -> tuple[str, dict]:

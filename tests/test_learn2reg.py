@@ -21,6 +21,9 @@ def test_case_ids_and_disp_names():
     assert case_id("NLST_0011_0001.nii.gz") == "0011"  # the last 4 digits are the modality
     assert case_id("hippocampus_017.nii.gz") == "0017"
     assert disp_name("0201", "0260") == "disp_0201_0000_0260_0000.nii.gz"
+    assert disp_name("0201", "0260", "short") == "disp_0201_0260.nii.gz"
+    with pytest.raises(ValueError, match="style"):
+        disp_name("0201", "0260", "medium")
     with pytest.raises(DatasetError, match="case number"):
         case_id("image.nii.gz")
 
