@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
-from ignite.engine import Engine
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+from monai.data.utils import set_rnd
 from monai.engines.utils import IterationEvents
+from monai.utils import set_determinism
 from monai.networks.utils import one_hot
 
 from scripts.deformation import warp_image, warp_labels_nearest
 
-__all__ = ["pair_to_device", "RegistrationTrainStep", "RegistrationEvalStep"]
+__all__ = ["pair_to_device", "RegistrationTrainStep", "RegistrationEvalStep", "EpochSeed"]
 
 PAIR_KEYS = ("moving_image", "fixed_image", "moving_label", "fixed_label")
 
@@ -111,3 +115,42 @@ class RegistrationEvalStep:
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+class EpochSeed:
+    """Reseeds the training data pipeline at the start of every epoch from (seed, epoch, rank), so that
+    epoch N draws the same pairs, order and augmentation whether the run started at epoch 1 or was
+    resumed from ``checkpoint_epoch=N-1.pt``.
+
+    Without it the random state at epoch N is whatever epochs 1..N-1 left behind (the pair sampler
+    and augmentation of ``RandomPairDataset`` are seeded once when the DataLoader is built, the
+    shuffling order and the worker seeds come from torch's global generator), and a resumed run
+    starts again from the state of epoch 1: same seed, different weights.
+
+    At ``EPOCH_STARTED`` it seeds torch / numpy / random (``monai.utils.set_determinism``), reseeds
+    the dataset's randomizable parts in the main process (``set_rnd``, as MONAI's DataLoader does
+    once for ``num_workers=0``) and rebuilds the data iterator (``engine.set_data``), so the shuffled
+    order and the per-worker seeds are drawn from the reseeded generator (Ignite builds the next
+    epoch's iterator, and starts its workers, at the end of the previous epoch). Checkpoints must be
+    taken at epoch boundaries (``CheckpointSaver`` with ``save_interval`` epochs, as train.json does).
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def epoch_seed(self, epoch: int) -> int:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return int(np.random.SeedSequence([self.seed, int(epoch), rank]).generate_state(1)[0])
+
+    def __call__(self, engine: Engine) -> None:
+        seed = self.epoch_seed(engine.state.epoch)
+        set_determinism(seed=seed)
+        loader = engine.state.dataloader
+        if loader is None:
+            return
+        if getattr(loader, "dataset", None) is not None:
+            set_rnd(loader.dataset, seed)
+        engine.set_data(loader)
