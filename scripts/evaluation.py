@@ -16,10 +16,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from scripts import learn2reg
 from scripts.learn2reg import atomic_path, disp_name
 from scripts.metrics import evaluate_pair, summarize
 
-__all__ = ["evaluate_folder", "format_summary"]
+__all__ = ["evaluate_folder", "format_summary", "identity_baseline"]
 
 METRICS = ("dice", "hd95", "hd95_mm", "sdlogj", "sdlogj_plain", "folding_percent")
 
@@ -150,3 +151,28 @@ def format_summary(summary: dict) -> str:
         s = summary[name]
         lines.append(f"| {name} | {fmt(s['mean'])} | {fmt(s['std'])} | {fmt(s['p30'])} |")
     return "\n".join(lines)
+
+
+def identity_baseline(dataset_dir: str, output_dir: str, pairs_selection: str = "registration_val", num_val: int = 40) -> dict:
+    """The unregistered baseline: writes a zero displacement file per pair into ``output_dir``
+    (fixed shape + (3,), float32, fixed affine) and evaluates it like any submission.
+
+    Command line: ``python -m scripts.evaluation --dataset_dir DIR --output_dir DIR``.
+    """
+    pairs = learn2reg.pairs(dataset_dir, pairs_selection, num_val)
+    os.makedirs(output_dir, exist_ok=True)
+    for pair in pairs:
+        fixed = nib.load(pair["fixed_image"])
+        zero = np.zeros(tuple(fixed.shape[:3]) + (3,), np.float32)
+        learn2reg.save_nifti(zero, fixed.affine, os.path.join(output_dir, disp_name(pair["fixed_id"], pair["moving_id"])))
+    return evaluate_folder(pairs, output_dir, output_dir)
+
+
+def _main(dataset_dir: str, output_dir: str, pairs_selection: str = "registration_val", num_val: int = 40) -> None:
+    print(format_summary(identity_baseline(dataset_dir, output_dir, pairs_selection, num_val)))
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(_main)
