@@ -20,12 +20,12 @@ EPOCHS = 3
 CASES = 3  # iterations per epoch with batch 1
 
 
-def _args(tmp: Path, seed: int, *extra: str) -> list[str]:
+def _args(tmp: Path, seed: int, *extra: str, workers: int = 0, epochs: int = EPOCHS) -> list[str]:
     return [
         sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json",
         "--dataset_dir", str(SAMPLE), "--ckpt_dir", str(tmp / "ckpt"), "--log_dir", str(tmp / "logs"),
-        "--channels", "[4, 8, 16, 32, 64]", "--batch_size", "1", "--num_workers", "0",
-        "--max_epochs", str(EPOCHS), "--val_interval", "1000", "--seed", str(seed),
+        "--channels", "[4, 8, 16, 32, 64]", "--batch_size", "1", "--num_workers", str(workers),
+        "--max_epochs", str(epochs), "--val_interval", "1000", "--seed", str(seed),
         # The sample cases are all validation cases: train on 3 of them here.
         "--train#cases", f"$scripts.learn2reg.training_cases(@dataset_dir, @num_val, exclude_val=False)[:{CASES}]",
         "--validate#pairs", "$scripts.learn2reg.pairs(@dataset_dir, 'registration_val', @num_val)[:1]",
@@ -36,26 +36,27 @@ def _args(tmp: Path, seed: int, *extra: str) -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _train(tmp: Path, seed: int, *extra: str) -> dict:
-    proc = subprocess.run(_args(tmp, seed, *extra), cwd=ROOT, capture_output=True, text=True, timeout=900, env=ENV)
+def _train(tmp: Path, seed: int, *extra: str, workers: int = 0, epochs: int = EPOCHS) -> dict:
+    args = _args(tmp, seed, *extra, workers=workers, epochs=epochs)
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return _final(tmp)
+    return _final(tmp, epochs)
 
 
-def _final(tmp: Path) -> dict:
-    ckpt = tmp / "ckpt" / f"checkpoint_epoch={EPOCHS}.pt"
+def _final(tmp: Path, epochs: int = EPOCHS) -> dict:
+    ckpt = tmp / "ckpt" / f"checkpoint_epoch={epochs}.pt"
     assert ckpt.exists(), sorted(p.name for p in (tmp / "ckpt").iterdir())
     return torch.load(ckpt, weights_only=True)
 
 
-def _assert_identical(a: dict, b: dict, what: str) -> None:
+def _assert_identical(a: dict, b: dict, what: str, epochs: int = EPOCHS) -> None:
     assert a["model"].keys() == b["model"].keys()
     differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
     assert not differ, f"{what}: {len(differ)} of {len(a['model'])} tensors differ, e.g. {differ[:3]}"
     # Adam's moments too: the resumed run continues exactly where the other one was.
     for (i, sa), (j, sb) in zip(sorted(a["optimizer"]["state"].items()), sorted(b["optimizer"]["state"].items())):
         assert i == j and all(torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])) for k in sa), what
-    assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == EPOCHS * CASES
+    assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == epochs * CASES
 
 
 def _run_and_kill_in_epoch_2(tmp: Path, seed: int) -> str:
@@ -104,3 +105,15 @@ def test_same_seed_same_weights_and_sigkill_resume_is_exact(tmp_path):
     assert all(not torch.equal(epoch1[k], first["model"][k]) for k in epoch1 if k.endswith("weight"))
     resumed = _train(killed, seed, "--resume_ckpt", str(killed / "ckpt" / "checkpoint_epoch=1.pt"))
     _assert_identical(first, resumed, "SIGKILL in epoch 2 + --resume_ckpt checkpoint_epoch=1.pt vs uninterrupted")
+
+
+def test_resume_is_exact_with_dataloader_workers(tmp_path):
+    """The same with a worker process (the configs default to 2): the shuffled order and the worker
+    seeds of epoch 2 must not depend on what epoch 1 left in the random generators. Resuming from
+    the last checkpoint of a finished 1-epoch run is the state a SIGKILL in epoch 2 leaves."""
+    seed = 11
+    whole = _train(tmp_path / "whole", seed, workers=1, epochs=2)
+    _train(tmp_path / "parts", seed, workers=1, epochs=1)
+    resumed = _train(tmp_path / "parts", seed, "--resume_ckpt", str(tmp_path / "parts" / "ckpt" / "checkpoint_epoch=1.pt"),
+                     workers=1, epochs=2)
+    _assert_identical(whole, resumed, "num_workers=1: 1 epoch + --resume_ckpt vs 2 uninterrupted epochs", epochs=2)

@@ -162,8 +162,9 @@ def test_http_404_is_refused_with_the_url_and_nothing_written(tmp_path, server):
     assert _leftovers(root / "models") == []
 
 
-def test_cli_download_url_override_hash_and_errors(tmp_path, server):
-    """The documented command lines, in a subprocess: exit codes and messages as a user sees them."""
+def test_cli_download_url_override_hash_and_errors(tmp_path, server, capsys):
+    """The documented command lines: exit codes and messages as a user sees them (two in a real
+    subprocess, the others through the same entry point in-process)."""
     base, www, _ = server
     data = _payload(2)
     (www / "mirror.pt").write_bytes(data)
@@ -171,25 +172,32 @@ def test_cli_download_url_override_hash_and_errors(tmp_path, server):
         {"path": "models/model.pt", "url": f"{base}/gone.pt", "hash_val": _sha(data), "hash_type": "sha256"},
         {"path": "models/model.ts", "url": f"{base}/gone.ts", "hash_val": "", "hash_type": "sha256"},
     ])
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        code = weights.main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
     # The listed URL is a 404: non-zero exit, one-line error naming the URL, no traceback.
     proc = run("-m", "scripts.weights", "download", "--path", "models/model.pt", "--bundle_root", str(root))
     assert proc.returncode == 1 and f"{base}/gone.pt" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     # A mirror with the same content: accepted (the hash still comes from large_files.yml).
-    proc = ok(run("-m", "scripts.weights", "download", "--path", "models/model.pt",
-                  "--url_override", f"{base}/mirror.pt", "--bundle_root", str(root)))
-    assert "models/model.pt: downloaded" in proc.stdout
+    code, out, err = cli("download", "--path", "models/model.pt", "--url_override", f"{base}/mirror.pt",
+                         "--bundle_root", str(root))
+    assert code == 0 and "models/model.pt: downloaded" in out, err
     assert (root / "models" / "model.pt").read_bytes() == data
     # An entry without hash_val is never installed.
-    proc = run("-m", "scripts.weights", "download", "--path", "models/model.ts", "--bundle_root", str(root))
-    assert proc.returncode == 1 and "models/model.ts" in proc.stderr and "unverified" in proc.stderr, proc.stderr
+    code, _, err = cli("download", "--path", "models/model.ts", "--bundle_root", str(root))
+    assert code == 1 and "models/model.ts" in err and "unverified" in err, err
     assert not (root / "models" / "model.ts").exists()
     # --url_override without --path would apply to several files.
-    proc = run("-m", "scripts.weights", "download", "--url_override", f"{base}/mirror.pt", "--bundle_root", str(root))
-    assert proc.returncode == 1 and "--path" in proc.stderr
+    code, _, err = cli("download", "--url_override", f"{base}/mirror.pt", "--bundle_root", str(root))
+    assert code == 1 and "--path" in err
     # A path not in the list.
-    proc = run("-m", "scripts.weights", "download", "--path", "models/other.pt", "--bundle_root", str(root))
-    assert proc.returncode == 1 and "models/other.pt" in proc.stderr
-    # The helper that fills hash_val.
+    code, _, err = cli("download", "--path", "models/other.pt", "--bundle_root", str(root))
+    assert code == 1 and "models/other.pt" in err
+    assert _leftovers(root / "models") == ["model.pt"]
+    # The helper that fills hash_val, as documented.
     proc = ok(run("-m", "scripts.weights", "hash", str(root / "models" / "model.pt")))
     assert proc.stdout.strip() == _sha(data)
 
@@ -232,18 +240,26 @@ def test_configs_load_checkpoints_only_through_weights_only_loaders():
         assert "weights_only=False" not in text, script.name
 
 
-@pytest.mark.parametrize("what", ["object", "dict_with_object"])
-def test_inference_refuses_a_pickled_object_checkpoint(tmp_path, what):
+@pytest.mark.parametrize("what", ["object", "dict_with_object", "truncated"])
+def test_inference_refuses_a_pickled_object_or_truncated_checkpoint(tmp_path, what):
     marker = tmp_path / "code_ran"
     payload = _RunsCodeWhenUnpickled(str(marker))
     ckpt = tmp_path / "evil.pt"
-    torch.save(payload if what == "object" else {"encoder.weight": payload}, ckpt)
+    if what == "truncated":  # e.g. a checkpoint whose writer was killed (MONAI's CheckpointSaver is not atomic)
+        net, _ = _config_network()
+        torch.save(net.state_dict(), ckpt)
+        ckpt.write_bytes(ckpt.read_bytes()[:100_000])
+    else:
+        torch.save(payload if what == "object" else {"encoder.weight": payload}, ckpt)
     out = tmp_path / "out"
     proc = run("-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
                "--ckpt_path", str(ckpt), "--output_dir", str(out))
     assert proc.returncode != 0
-    assert f"{ckpt}: refused by torch.load(weights_only=True)" in proc.stderr, proc.stderr[-3000:]
-    assert "Unsupported global" in proc.stderr
+    if what == "truncated":
+        assert f"{ckpt}: cannot load this checkpoint" in proc.stderr, proc.stderr[-3000:]
+    else:
+        assert f"{ckpt}: refused by torch.load(weights_only=True)" in proc.stderr, proc.stderr[-3000:]
+        assert "Unsupported global" in proc.stderr
     assert not marker.exists(), "unpickling the checkpoint ran code"
     assert not out.exists() or not any(out.iterdir()), "output written from a refused checkpoint"
 
