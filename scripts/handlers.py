@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from scripts.learn2reg import atomic_path, disp_name, save_nifti
 from scripts.visualize import pair_figure
 
-__all__ = ["TensorBoardPairImages", "RegistrationWriter", "figure_to_rgb"]
+__all__ = ["TensorBoardPairImages", "RegistrationWriter", "figure_to_rgb", "check_output_dir"]
 
 
 def _numpy(item: dict) -> dict:
@@ -26,6 +26,21 @@ def figure_to_rgb(fig: Figure) -> np.ndarray:
     """Renders a matplotlib figure to an (H, W, 3) uint8 array."""
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def check_output_dir(output_dir: str) -> str:
+    """Refuses an output folder that cannot be created or written into, naming it, before any work
+    is done; creates nothing. Returns ``output_dir``."""
+    path = os.path.abspath(output_dir)
+    existing = path
+    while not os.path.exists(existing):  # also False below a regular file (ENOTDIR)
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        raise NotADirectoryError(f"output folder {output_dir} {what}, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"output folder {output_dir}: {existing} is not writable")
+    return output_dir
 
 
 class TensorBoardPairImages:
@@ -76,11 +91,13 @@ class RegistrationWriter:
     - ``figure_<fixed>_<moving>.png``: moving, fixed, warped, deformation grid, label contours;
     - ``timing.csv``: fixed_id, moving_id, seconds (network + integration) for every pair.
 
-    Every file is written under a temporary name and renamed when complete.
+    Every file is written under a temporary name and renamed when complete. An ``output_dir`` that
+    cannot be created or written is refused when the writer is created (``check_output_dir``).
     """
 
     def __init__(self, output_dir: str, figures: bool = True, disp_name_style: str = "long") -> None:
         disp_name("0", "0", disp_name_style)  # refuse a bad style before anything runs
+        check_output_dir(output_dir)
         self.output_dir, self.figures, self.disp_name_style = output_dir, figures, disp_name_style
         self._timings: list[tuple[str, str, float]] = []
 

@@ -156,12 +156,14 @@ def pairs(dataset_dir: str, selection: str = "registration_val", num_val: int = 
         entries, source = index.get(selection), path
     else:
         entries, source = _read_pair_file(selection), selection
-    if not isinstance(entries, list) or not entries:
+    if not isinstance(entries, list):
+        raise DatasetError(f"{source}: the pair list {selection} must be a list of {{'fixed', 'moving'}} entries")
+    if not entries:
         raise DatasetError(f"{source}: the pair list {selection} is missing or empty")
     out = []
     for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "fixed" not in entry or "moving" not in entry:
-            raise DatasetError(f"{source}: pair {i} needs 'fixed' and 'moving', got {entry!r}")
+        if not isinstance(entry, dict) or not entry.get("fixed") or not entry.get("moving"):
+            raise DatasetError(f"{source}: pair {i + 1} needs a 'fixed' and a 'moving' path, got {entry!r}")
         out.append(_pair(_resolve(dataset_dir, source, entry["fixed"]), _resolve(dataset_dir, source, entry["moving"])))
     return out
 

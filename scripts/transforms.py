@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import MapTransform
 
-__all__ = ["CheckImageLabeld"]
+from scripts.learn2reg import DatasetError, _is_learn2reg, read_index
+
+__all__ = ["CheckImageLabeld", "check_pair_grids"]
 
 
 def _name(x) -> str:
@@ -19,7 +22,8 @@ class CheckImageLabeld(MapTransform):
 
     Runs after ``LoadImaged`` + ``EnsureChannelFirstd``: expects ``image`` (C, H, W, D) and an
     optional ``label`` (1, H, W, D). Checks: 3-D, finite intensities, a non-constant image, a label
-    map on the same voxel grid (shape) holding integer values in [0, num_labels).
+    map on the same voxel grid (shape, and affine within 1e-3) holding integer values in
+    [0, num_labels).
 
     Args:
         num_labels: label classes including background.
@@ -52,6 +56,14 @@ class CheckImageLabeld(MapTransform):
                     f"{lname}: label map shape {tuple(label.shape[1:])} differs from image {name} shape "
                     f"{tuple(image.shape[1:])}"
                 )
+            i_aff, l_aff = getattr(image, "affine", None), getattr(label, "affine", None)
+            if i_aff is not None and l_aff is not None:
+                i_aff, l_aff = np.asarray(torch.as_tensor(i_aff).cpu()), np.asarray(torch.as_tensor(l_aff).cpu())
+                if not np.allclose(i_aff, l_aff, atol=1e-3):
+                    raise ValueError(
+                        f"{lname}: label map affine differs from image {name} affine (max difference "
+                        f"{float(np.abs(i_aff - l_aff).max()):.4g}): the label is not on the image's voxel grid"
+                    )
             lab = torch.as_tensor(label)
             if not torch.equal(lab, torch.round(lab)):
                 raise ValueError(f"{lname}: label map has non-integer values")
@@ -61,3 +73,23 @@ class CheckImageLabeld(MapTransform):
             if bad:
                 raise ValueError(f"{lname}: label values {bad} outside 0..{self.num_labels - 1}")
         return d
+
+
+def check_pair_grids(pairs: list[dict], dataset_dir: str) -> list[dict]:
+    """In a Learn2Reg folder, refuses a pair whose fixed and moving images have different shapes.
+
+    Learn2Reg defines a pair on one voxel grid: the displacement file is H x W x D x 3 on the fixed
+    grid and indexes the moving array directly, so padding both to ``spatial_size`` would silently
+    misalign them. MSD folders (``dataset.json``, cases of any size, each padded to
+    ``spatial_size``) are not checked. Reads the NIfTI headers only. Returns ``pairs``.
+    """
+    if not _is_learn2reg(read_index(dataset_dir)[1]):
+        return pairs
+    for p in pairs:
+        shapes = {k: tuple(nib.load(p[k]).shape) for k in ("fixed_image", "moving_image")}
+        if shapes["fixed_image"] != shapes["moving_image"]:
+            raise DatasetError(
+                f"fixed {p['fixed_image']} has shape {shapes['fixed_image']} but moving {p['moving_image']} has shape "
+                f"{shapes['moving_image']}: a Learn2Reg pair must share one voxel grid"
+            )
+    return pairs
