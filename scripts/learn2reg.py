@@ -165,7 +165,30 @@ def pairs(dataset_dir: str, selection: str = "registration_val", num_val: int = 
         if not isinstance(entry, dict) or not entry.get("fixed") or not entry.get("moving"):
             raise DatasetError(f"{source}: pair {i + 1} needs a 'fixed' and a 'moving' path, got {entry!r}")
         out.append(_pair(_resolve(dataset_dir, source, entry["fixed"]), _resolve(dataset_dir, source, entry["moving"])))
+    if _is_learn2reg(index):
+        _check_same_grid(out)
     return out
+
+
+def _shape(path: str) -> tuple:
+    try:
+        return tuple(nib.load(path).shape)
+    except Exception as e:  # nibabel raises several types for unreadable headers
+        raise DatasetError(f"{path}: not a readable NIfTI image ({e})") from e
+
+
+def _check_same_grid(pairs: list[dict]) -> None:
+    """Learn2Reg defines a pair on one voxel grid: the displacement file is H x W x D x 3 on the
+    fixed grid and indexes the moving array directly, so padding two differently sized images to a
+    common size would silently misalign them. (MSD cases differ in size and are padded: not checked.)
+    Reads the headers only."""
+    for p in pairs:
+        fixed, moving = _shape(p["fixed_image"]), _shape(p["moving_image"])
+        if fixed != moving:
+            raise DatasetError(
+                f"fixed {p['fixed_image']} has shape {fixed} but moving {p['moving_image']} has shape {moving}: "
+                "a Learn2Reg pair must share one voxel grid"
+            )
 
 
 def _read_pair_file(path: str) -> list:

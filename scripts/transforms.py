@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import MapTransform
 
-from scripts.learn2reg import DatasetError, _is_learn2reg, read_index
 
-__all__ = ["CheckImageLabeld", "check_pair_grids"]
+__all__ = ["CheckImageLabeld"]
 
 
 def _name(x) -> str:
@@ -73,23 +71,3 @@ class CheckImageLabeld(MapTransform):
             if bad:
                 raise ValueError(f"{lname}: label values {bad} outside 0..{self.num_labels - 1}")
         return d
-
-
-def check_pair_grids(pairs: list[dict], dataset_dir: str) -> list[dict]:
-    """In a Learn2Reg folder, refuses a pair whose fixed and moving images have different shapes.
-
-    Learn2Reg defines a pair on one voxel grid: the displacement file is H x W x D x 3 on the fixed
-    grid and indexes the moving array directly, so padding both to ``spatial_size`` would silently
-    misalign them. MSD folders (``dataset.json``, cases of any size, each padded to
-    ``spatial_size``) are not checked. Reads the NIfTI headers only. Returns ``pairs``.
-    """
-    if not _is_learn2reg(read_index(dataset_dir)[1]):
-        return pairs
-    for p in pairs:
-        shapes = {k: tuple(nib.load(p[k]).shape) for k in ("fixed_image", "moving_image")}
-        if shapes["fixed_image"] != shapes["moving_image"]:
-            raise DatasetError(
-                f"fixed {p['fixed_image']} has shape {shapes['fixed_image']} but moving {p['moving_image']} has shape "
-                f"{shapes['moving_image']}: a Learn2Reg pair must share one voxel grid"
-            )
-    return pairs
