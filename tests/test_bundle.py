@@ -56,6 +56,11 @@ def test_metadata_matches_configs_and_requirements():
     assert fmt["outputs"]["pred"]["num_channels"] == 3
     assert fmt["inputs"]["image"]["spatial_shape"] == infer["spatial_size"]
     assert meta["version"] in meta["changelog"]
+    label_def = fmt["outputs"]["pred"]["label_def"]
+    assert len(label_def) == infer["num_labels"]
+    sample_labels = json.loads((SAMPLE / "HippocampusMR_dataset.json").read_text())["labels"]
+    sample_labels = sample_labels.get("0", sample_labels)  # Learn2Reg nests the names per modality
+    assert {k: v.lower() for k, v in sample_labels.items()} == {k: v.lower() for k, v in label_def.items()}
     pins = dict(
         line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
         if "==" in line and not line.startswith("#")
