@@ -172,9 +172,12 @@ def pairs(dataset_dir: str, selection: str = "registration_val", num_val: int = 
 
 def _shape(path: str) -> tuple:
     try:
-        return tuple(nib.load(path).shape)
+        shape = tuple(nib.load(path).shape)
     except Exception as e:  # nibabel raises several types for unreadable headers
         raise DatasetError(f"{path}: not a readable NIfTI image ({e})") from e
+    if len(shape) != 3:
+        raise DatasetError(f"{path}: expected a 3-D image, got shape {shape}")
+    return shape
 
 
 def _check_same_grid(pairs: list[dict]) -> None:

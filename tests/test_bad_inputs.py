@@ -108,10 +108,10 @@ REFUSED = {
         [f"imagesTr/{FIXED}"], ["constant"]),
     "2d_image": (
         lambda d: edit(d / "imagesTr" / FIXED, lambda a, aff: (a[:, :, 32], aff)),
-        [f"imagesTr/{FIXED}"], ["expected a 3-D image", "(1, 64, 64)"]),
+        [f"imagesTr/{FIXED}"], ["expected a 3-D image", "(64, 64)"]),
     "4d_image": (
         lambda d: edit(d / "imagesTr" / FIXED, lambda a, aff: (np.stack([a, a], -1), aff)),
-        [f"imagesTr/{FIXED}"], ["expected a 3-D image", "(2, 64, 64, 64)"]),
+        [f"imagesTr/{FIXED}"], ["expected a 3-D image", "(64, 64, 64, 2)"]),
     "pair_list_json_object": (
         lambda d: _pair_file(d, "pairs.json", json.dumps({"fixed": f"./imagesTr/{FIXED}", "moving": f"./imagesTr/{MOVING}"})),
         ["pairs.json"], ["must be a list"]),
