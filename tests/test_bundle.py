@@ -191,3 +191,14 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     assert proc.returncode != 0
     assert "size mismatch" in proc.stderr, proc.stderr[-3000:]
     assert not list(out.glob("disp_*")), "a field was written with the wrong weights"
+
+
+def test_shipped_weights_match_their_hash_in_large_files():
+    import hashlib
+
+    import yaml
+
+    entries = yaml.safe_load((ROOT / "large_files.yml").read_text())["large_files"]
+    (entry,) = [e for e in entries if e["path"] == "models/model.pt"]
+    digest = hashlib.sha256((ROOT / entry["path"]).read_bytes()).hexdigest()
+    assert digest == entry["hash_val"], "models/model.pt changed: update its hash_val in large_files.yml"
