@@ -19,6 +19,72 @@ from scripts.deformation import gradient_to_ddf
 
 __all__ = ["SiameseEncoder", "GradientDecoder", "SpatialGradientRegNet"]
 
+# Inference on a full abdominal CT (192 x 160 x 256, 32 channels at full resolution: ~1 GB per map)
+# with the plain forward pass peaks near 10 GB on CPU: both images are encoded as one batch, and
+# each full-resolution convolution needs about three times its output (oneDNN copies its input and
+# output in a blocked layout). The helpers below run the same computation (same weights, same
+# result up to float rounding) slab by slab along the first spatial axis, concatenating skip connections and
+# normalising in place, so each full-resolution map exists once.
+
+
+def _conv_slabs(conv: nn.Module, inputs: Sequence[torch.Tensor], slab_voxels: int) -> torch.Tensor:
+    """``conv(torch.cat(inputs, 1))`` computed in slabs of about ``slab_voxels`` output voxels along
+    the first spatial axis (contiguous blocks); the concatenation only ever exists for one slab.
+    Conv3d (any kernel, stride and zero padding) and ConvTranspose3d with kernel == stride and no
+    padding."""
+    if conv.dilation != (1, 1, 1) or conv.groups != 1 or getattr(conv, "padding_mode", "zeros") != "zeros":
+        raise NotImplementedError(f"slab-wise evaluation does not support {conv}")
+    first = inputs[0]
+    n_in = first.shape[2]
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    transposed = isinstance(conv, nn.ConvTranspose3d)
+    if transposed:
+        if conv.kernel_size != conv.stride or conv.padding != (0, 0, 0) or conv.output_padding != (0, 0, 0):
+            raise NotImplementedError(f"slab-wise evaluation does not support {conv}")
+        n_out = n_in * s
+        plane = [n * st for n, st in zip(first.shape[3:], conv.stride[1:])]
+    else:
+        n_out = (n_in + 2 * p - k) // s + 1
+        plane = [(n + 2 * pp - kk) // st + 1 for n, pp, kk, st in zip(first.shape[3:], conv.padding[1:], conv.kernel_size[1:], conv.stride[1:])]
+    out = first.new_empty((first.shape[0], conv.out_channels, n_out, *plane))
+    step = max(1, slab_voxels // (plane[0] * plane[1]))
+    if transposed:
+        step = max(s, step - step % s)
+    for a in range(0, n_out, step):
+        b = min(a + step, n_out)
+        if transposed:
+            x = torch.cat([t[:, :, a // s : b // s] for t in inputs], 1)
+            out[:, :, a:b] = F.conv_transpose3d(x, conv.weight, conv.bias, conv.stride)
+            continue
+        lo, hi = a * s - p, (b - 1) * s - p + k  # input slices needed, in zero-padded coordinates
+        x = torch.cat([t[:, :, max(lo, 0) : min(hi, n_in)] for t in inputs], 1)
+        if lo < 0 or hi > n_in:
+            x = F.pad(x, (0, 0, 0, 0, max(-lo, 0), max(hi - n_in, 0)))
+        out[:, :, a:b] = F.conv3d(x, conv.weight, conv.bias, (s, *conv.stride[1:]), (0, *conv.padding[1:]))
+    return out
+
+
+def _adn_inplace(adn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """MONAI's ADN (norm / dropout / activation) applied in place where the layer allows it."""
+    for layer in adn.children():
+        if isinstance(layer, nn.InstanceNorm3d) and not layer.track_running_stats:
+            var, mean = torch.var_mean(x, dim=(2, 3, 4), keepdim=True, correction=0)
+            x.sub_(mean).mul_(torch.rsqrt(var + layer.eps))
+            if layer.affine:
+                x.mul_(layer.weight.view(1, -1, 1, 1, 1)).add_(layer.bias.view(1, -1, 1, 1, 1))
+        elif isinstance(layer, nn.LeakyReLU):
+            F.leaky_relu_(x, layer.negative_slope)
+        elif isinstance(layer, nn.ReLU):
+            x.relu_()
+        elif not isinstance(layer, (nn.Dropout, nn.Dropout3d, nn.Identity)):  # dropout is off in eval
+            x = layer(x)
+    return x
+
+
+def _block_slabs(block: Convolution, inputs: Sequence[torch.Tensor], slab_voxels: int) -> torch.Tensor:
+    x = _conv_slabs(block.conv, inputs, slab_voxels)
+    return _adn_inplace(block.adn, x) if hasattr(block, "adn") else x
+
 
 def _conv(in_ch: int, out_ch: int, act, norm, **kwargs) -> Convolution:
     return Convolution(3, in_ch, out_ch, act=act, norm=norm, **kwargs)
@@ -138,6 +204,8 @@ class SpatialGradientRegNet(nn.Module):
         self.in_channels = int(in_channels)
         self.divisor = 2 ** (len(channels) - 1)
         self.symmetric = symmetric
+        # Output voxels per slab of the low-memory eval path (see _ddf_low_memory).
+        self.slab_voxels = 2**21
         self.encoder = SiameseEncoder(in_channels, channels, encoder_convs, act, norm)
         self.decoder = GradientDecoder(channels, decoder_convs, act, norm, decoder_residual)
         self.head = self._zero_head(channels[0])
@@ -179,14 +247,52 @@ class SpatialGradientRegNet(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         self._check(image)
         moving, fixed = image[:, : self.in_channels], image[:, self.in_channels :]
+        if not self.training and not torch.is_grad_enabled() and not torch.jit.is_tracing():
+            return self._ddf_low_memory(moving, fixed)
         # One encoder pass over both images (batch-concatenated); instance norm stays per image.
         feats = self.encoder(torch.cat([moving, fixed], dim=0))
         n = moving.shape[0]
         diffs = [f[:n] - f[n:] for f in feats]
         if not self.training:
-            # Eval / export: one direction, final head only.
+            # Export (tracing) or eval with autograd: one direction, final head only.
             return gradient_to_ddf(self._gradients(diffs, all_heads=False)[:, 0])
         out = {"grad_mf": self._gradients(diffs, all_heads=True)}
         if self.symmetric:
             out["grad_fm"] = self._gradients([-d for d in diffs], all_heads=True)
         return out
+
+    def _encode_low_memory(self, x: torch.Tensor) -> list[torch.Tensor]:
+        enc, v = self.encoder, self.slab_voxels
+        a = _block_slabs(enc.in_conv1, [x], v)
+        feats = [a.add_(_block_slabs(enc.in_conv2, [a], v))]
+        for block in enc.down:
+            y = feats[-1]
+            for conv in block:
+                y = _block_slabs(conv, [y], v)
+            feats.append(y)
+        return feats
+
+    @torch.no_grad()
+    def _ddf_low_memory(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """The eval forward without autograd, computed so that each full-resolution feature map
+        exists about once: the images are encoded one after the other, the difference is taken in
+        place, each skip is freed once decoded, and convolutions run in slabs of ``slab_voxels``."""
+        v = self.slab_voxels
+        diffs = self._encode_low_memory(moving)
+        for d, f in zip(diffs, self._encode_low_memory(fixed)):
+            d.sub_(f)
+        x = diffs.pop()
+        for block in self.decoder.up:
+            skip = diffs.pop()
+            up = _block_slabs(block.up, [x], v)
+            del x
+            x = _block_slabs(block.first, [up, skip], v)
+            del up, skip
+            y = x
+            for conv in block.rest:
+                y = _block_slabs(conv, [y], v)
+            x = y.add_(x) if block.residual else y
+        g = _conv_slabs(self.head, [x], v)
+        del x
+        return gradient_to_ddf(g.sigmoid_().mul_(2))
+

@@ -41,7 +41,7 @@ def load(name: str) -> dict:
 def test_train_and_inference_configs_share_network_and_preprocessing():
     train, infer = load("train"), load("inference")
     for key in ("network_def", "preprocessing", "spatial_size", "in_channels", "num_labels", "channels",
-                "deep_supervision", "device"):
+                "deep_supervision", "activation", "decoder_residual", "device"):
         assert train[key] == infer[key], f"configs/train.json and configs/inference.json disagree on {key}"
 
 
