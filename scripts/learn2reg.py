@@ -92,10 +92,13 @@ def _all_cases(dataset_dir: str) -> tuple[str, dict, list[dict]]:
     path, index = read_index(dataset_dir)
     cases = []
     for i, entry in enumerate(index["training"]):
-        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise DatasetError(f"{path}: training entry {i} needs 'image' and 'label', got {entry!r}")
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise DatasetError(f"{path}: training entry {i} needs an 'image' (and optionally a 'label'), got {entry!r}")
         image = _resolve(dataset_dir, path, entry["image"])
-        cases.append({"id": case_id(image), "image": image, "label": _resolve(dataset_dir, path, entry["label"])})
+        case = {"id": case_id(image), "image": image}
+        if entry.get("label"):  # unlabelled scans train on the image terms only
+            case["label"] = _resolve(dataset_dir, path, entry["label"])
+        cases.append(case)
     cases.sort(key=lambda c: c["id"])
     ids = [c["id"] for c in cases]
     duplicated = sorted({i for i in ids if ids.count(i) > 1})

@@ -204,7 +204,8 @@ class SpatialGradientRegNet(nn.Module):
         self.in_channels = int(in_channels)
         self.divisor = 2 ** (len(channels) - 1)
         self.symmetric = symmetric
-        # Output voxels per slab of the low-memory eval path (see _ddf_low_memory).
+        # Eval without autograd on volumes larger than this many voxels takes the low-memory path,
+        # in slabs of about this many output voxels (see _ddf_low_memory).
         self.slab_voxels = 2**21
         self.encoder = SiameseEncoder(in_channels, channels, encoder_convs, act, norm)
         self.decoder = GradientDecoder(channels, decoder_convs, act, norm, decoder_residual)
@@ -247,7 +248,8 @@ class SpatialGradientRegNet(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         self._check(image)
         moving, fixed = image[:, : self.in_channels], image[:, self.in_channels :]
-        if not self.training and not torch.is_grad_enabled() and not torch.jit.is_tracing():
+        large = moving[0, 0].numel() > self.slab_voxels  # small volumes run faster in the plain pass
+        if large and not self.training and not torch.is_grad_enabled() and not torch.jit.is_tracing():
             return self._ddf_low_memory(moving, fixed)
         # One encoder pass over both images (batch-concatenated); instance norm stays per image.
         feats = self.encoder(torch.cat([moving, fixed], dim=0))

@@ -7,7 +7,7 @@ import torch
 from monai.transforms import MapTransform
 
 
-__all__ = ["CheckImageLabeld"]
+__all__ = ["CheckImageLabeld", "CheckHounsfieldd", "CheckDivisibled"]
 
 
 def _name(x) -> str:
@@ -71,3 +71,49 @@ class CheckImageLabeld(MapTransform):
             if bad:
                 raise ValueError(f"{lname}: label values {bad} outside 0..{self.num_labels - 1}")
         return d
+
+
+class CheckHounsfieldd(MapTransform):
+    """Refuses a CT image whose values are not Hounsfield units, naming the file.
+
+    Air is about -1000 HU and every abdominal CT contains some (outside the body, in the bowel); an
+    image with no voxel below ``max_minimum`` (default -500) has almost certainly not been rescaled
+    (DICOM RescaleSlope / RescaleIntercept, NIfTI scl_slope / scl_inter), and its CT windows would
+    be meaningless. Runs after ``LoadImaged`` + ``EnsureChannelFirstd``.
+    """
+
+    def __init__(self, keys="image", max_minimum: float = -500.0, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.max_minimum = float(max_minimum)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            low, high = float(torch.as_tensor(d[key]).min()), float(torch.as_tensor(d[key]).max())
+            if low > self.max_minimum:
+                raise ValueError(
+                    f"{_name(d[key])}: values {low:g}..{high:g} do not look like Hounsfield units (no voxel below "
+                    f"{self.max_minimum:g}; air is about -1000 HU): apply the rescale slope/intercept first"
+                )
+        return d
+
+
+class CheckDivisibled(MapTransform):
+    """Refuses images whose spatial size is not a multiple of ``k`` (the network halves the grid
+    ``log2(k)`` times), naming the file, instead of failing in the middle of a run."""
+
+    def __init__(self, keys="image", k: int = 16, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.k = int(k)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            shape = tuple(d[key].shape[1:])
+            if any(n % self.k for n in shape):
+                raise ValueError(
+                    f"{_name(d[key])}: spatial size {shape} is not a multiple of {self.k}; pad or resample it "
+                    f"(python -m scripts.ct_pair prepare writes grids that are)"
+                )
+        return d
+

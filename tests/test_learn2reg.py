@@ -98,10 +98,15 @@ def test_bad_dataset_folders(tmp_path):
     index.write_text(json.dumps(content))
     with pytest.raises(DatasetError, match="share the case ids"):
         training_cases(str(data))
-    content["training"] = [{"image": "./imagesTr/HippocampusMR_0331_0000.nii.gz"}]
+    content["training"] = [{"label": "./labelsTr/HippocampusMR_0331_0000.nii.gz"}]
     index.write_text(json.dumps(content))
-    with pytest.raises(DatasetError, match="needs 'image' and 'label'"):
+    with pytest.raises(DatasetError, match="needs an 'image'"):
         training_cases(str(data))
+    # unlabelled scans are allowed (they train on the image terms only)
+    content["training"] = [{"image": f"./imagesTr/HippocampusMR_{i}_0000.nii.gz"} for i in ("0331", "0338")]
+    content["registration_val"] = []
+    index.write_text(json.dumps(content))
+    assert [sorted(c) for c in training_cases(str(data))] == [["id", "image"]] * 2
 
 
 def test_atomic_writes_leave_nothing_half_written(tmp_path):

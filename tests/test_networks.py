@@ -63,7 +63,7 @@ def test_final_output_is_first_and_matches_eval():
     with torch.no_grad():
         g = net(image)["grad_mf"]
         ddf = net.eval()(image)
-    assert torch.allclose(ddf, gradient_to_ddf(g[:, 0]), atol=1e-4)  # float rounding of a cumulative sum
+    assert torch.allclose(ddf, gradient_to_ddf(g[:, 0]), atol=1e-4)  # float32 rounding of a cumulative sum
     # the deep-supervision heads differ from the final head
     assert not torch.allclose(g[:, 0], g[:, 1])
 
@@ -73,7 +73,7 @@ def test_final_output_is_first_and_matches_eval():
     [{}, {"act": "relu", "decoder_residual": False, "in_channels": 3}, {"norm": ("instance", {"affine": True})}],
     ids=["mri", "ct", "affine-norm"],
 )
-@pytest.mark.parametrize("slab_voxels", [1, 100, 2**21], ids=["one-slice-slabs", "uneven-slabs", "one-slab"])
+@pytest.mark.parametrize("slab_voxels", [1, 100, 4096], ids=["one-slice-slabs", "uneven-slabs", "two-slabs"])
 def test_low_memory_eval_equals_plain_forward(kwargs, slab_voxels):
     # Without autograd the eval forward runs slab by slab with in-place normalisation (full-volume CT
     # within CPU memory); with autograd it is the plain module forward. In float64 both must agree to
@@ -107,12 +107,13 @@ def test_both_directions_share_all_weights():
     assert not any(getattr(m, "track_running_stats", False) for m in net.modules())
     assert not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in net.modules())
 
-    image = pair(seed=4)
+    image = pair(seed=4).double()  # float64: the two paths differ only by rounding
     moving, fixed = image[:, :1], image[:, 1:]
+    net.double()
     with torch.no_grad():
         out = net.train()(torch.cat([moving, fixed], 1))
         ddf_fm = net.eval()(torch.cat([fixed, moving], 1))
-    assert torch.allclose(ddf_fm, gradient_to_ddf(out["grad_fm"][:, 0]), atol=1e-5)
+    assert torch.allclose(ddf_fm, gradient_to_ddf(out["grad_fm"][:, 0]), atol=1e-9)
     assert not torch.allclose(out["grad_fm"], out["grad_mf"], atol=1e-3)  # the directions do differ
 
 
@@ -192,13 +193,14 @@ def test_clear_input_errors(shape, expected, given):
 
 # --------------------------------------------------------------------------- export
 def test_jit_trace_matches_eager():
-    net = randomise_heads(SpatialGradientRegNet(**SMALL)).eval()
-    example = pair(batch=1)
+    # float64: eager no-grad inference takes the low-memory path, the trace the plain one
+    net = randomise_heads(SpatialGradientRegNet(**SMALL)).double().eval()
+    example = pair(batch=1).double()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings of the shape checks and torch's deprecation notice
         traced = torch.jit.trace(net, example)
-    new = pair(batch=1, seed=7)
+    new = pair(batch=1, seed=7).double()
     with torch.no_grad():
         eager, scripted = net(new), traced(new)
     assert eager.abs().max() > 1e-3  # not the zero field
-    assert torch.allclose(eager, scripted, atol=1e-5)
+    assert torch.allclose(eager, scripted, atol=1e-9)
