@@ -159,9 +159,7 @@ def common_grid(fixed, spacing: float = 2.0, orientation: str = "RAS", multiple:
     (NIfTI axis codes, e.g. RAS), covering the fixed scan's extent (or exactly ``size`` voxels),
     centred on it, each size a multiple of ``multiple`` (the network halves the grid 4 times)."""
     code = orientation.upper()
-    if len(code) != 3 or sorted(_AXIS[c][i] != 0 for c in code for i in range(3)).count(True) != 3 or any(
-        c not in _AXIS for c in code
-    ):
+    if len(code) != 3 or any(c not in _AXIS for c in code):
         raise ValueError(f"orientation must be 3 axis codes like RAS or LPS, got {orientation!r}")
     direction = np.array([_AXIS[c] for c in code], dtype=float).T  # columns: index axes in LPS
     if abs(abs(np.linalg.det(direction)) - 1) > 1e-6:
@@ -215,7 +213,7 @@ def prealign_transform(fixed, moving, kind: str = "affine", init: str | None = N
             raise DatasetError(f"{init}: not an ITK affine transform file: {str(e).strip().splitlines()[-1]}") from e
     if kind == "none" or (kind == "center" and init is not None):
         return transform
-    clip = lambda im: itk.clamp_image_filter(im, bounds=(-200.0, 400.0))  # noqa: E731  soft tissue
+    clip = lambda im: itk.clamp_image_filter(im, bounds=(-200.0, 400.0))  # soft tissue
     f, m = clip(fixed), clip(moving)
     if init is None:
         centre_f, centre_m = _corners(fixed).mean(0), _corners(moving).mean(0)
@@ -312,7 +310,7 @@ def prepare(
     if f_lab is not None and m_lab is not None:  # the dataset lists labels only for both
         labels = {FIXED_ID: _resample(f_lab, grid, identity, True, 0), MOVING_ID: _resample(m_lab, grid, transform, True, 0)}
 
-    name = lambda i: f"{TASK}_{i}_0000.nii.gz"  # noqa: E731
+    name = lambda i: f"{TASK}_{i}_0000.nii.gz"
     record = {
         "fixed": os.path.abspath(fixed), "moving": os.path.abspath(moving),
         "fixed_label": os.path.abspath(fixed_label) if fixed_label else None,
