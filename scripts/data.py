@@ -22,16 +22,31 @@ class RandomPairDataset(Dataset, Randomizable):
             ``moving_label``, ``fixed_label``); random transforms on several keys draw their
             parameters once, so augmentation is identical for both images of the pair.
         keys: which keys of a case to carry into the pair.
+        group_key: if given, the fixed image is drawn among the cases with the same value of this
+            key (pretraining draws pairs within a cohort: ``"cohort"``).
 
     MONAI's DataLoader reseeds this dataset per worker through ``set_random_state``, which also
     reseeds the transform, so workers draw different pairs and augmentations.
     """
 
-    def __init__(self, cases: Sequence[dict], transform: Callable | None = None, keys=("image", "label")) -> None:
+    def __init__(
+        self, cases: Sequence[dict], transform: Callable | None = None, keys=("image", "label"), group_key: str | None = None
+    ) -> None:
         if len(cases) < 2:
             raise ValueError(f"random pairs need at least 2 cases, got {len(cases)}")
         self.cases, self.transform, self.keys = cases, transform, tuple(keys)
         self._fixed = 0
+        self._groups: list[list[int]] | None = None
+        if group_key is not None:
+            # The raw list of a CacheDataset / PersistentDataset: no need to load the images.
+            raw = getattr(cases, "data", cases)
+            members: dict = {}
+            for i in range(len(raw)):
+                members.setdefault(raw[i][group_key], []).append(i)
+            small = [g for g, m in members.items() if len(m) < 2]
+            if small:
+                raise ValueError(f"pairs are drawn within each {group_key}; {small} have a single case")
+            self._groups = [members[raw[i][group_key]] for i in range(len(raw))]
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -43,9 +58,15 @@ class RandomPairDataset(Dataset, Randomizable):
         return self
 
     def randomize(self, moving_index: int) -> None:
-        # Any case but the moving one.
-        j = int(self.R.randint(len(self.cases) - 1))
-        self._fixed = j + (j >= moving_index)
+        # Any case but the moving one (of the same group).
+        if self._groups is None:
+            j = int(self.R.randint(len(self.cases) - 1))
+            self._fixed = j + (j >= moving_index)
+            return
+        group = self._groups[moving_index]
+        j = int(self.R.randint(len(group) - 1))
+        others = [i for i in group if i != moving_index]
+        self._fixed = others[j]
 
     def __getitem__(self, index: int) -> dict:
         self.randomize(index)

@@ -10,7 +10,7 @@ from torch import nn
 
 from scripts.deformation import gradient_to_ddf, warp_image, warp_labels_onehot
 
-__all__ = ["LocalNCCLoss", "SymmetricRegistrationLoss"]
+__all__ = ["LocalNCCLoss", "SymmetricRegistrationLoss", "PartialLabelDiceLoss"]
 
 
 class LocalNCCLoss(nn.Module):
@@ -133,3 +133,35 @@ class SymmetricRegistrationLoss(nn.Module):
 
     def forward(self, pred: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.terms(pred, batch)["loss"]
+
+
+class PartialLabelDiceLoss(nn.Module):
+    """Soft Dice loss of a segmentation network trained on partially-labelled cohorts (method.md
+    section 5): each sample's Dice counts only the organs its cohort annotates.
+
+    Per sample and organ, MONAI's ``DiceLoss`` (softmax over the classes, one-hot target); the loss
+    is the mean over the (sample, organ) pairs whose ``mask`` is 1. Background is never counted
+    (a cohort's background holds the organs it does not annotate). An organ a cohort does not
+    annotate contributes nothing: neither its prediction nor its target enter that sample's loss,
+    except through the softmax normalisation shared by all classes.
+
+    Args:
+        smooth_nr, smooth_dr: Dice smoothing; with an annotated organ absent from a patch the loss
+            still pushes its prediction to zero there.
+    """
+
+    def __init__(self, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, softmax: bool = True) -> None:
+        super().__init__()
+        self.dice = DiceLoss(
+            include_background=True, to_onehot_y=True, softmax=softmax, reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr
+        )
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """logits (B, C, H, W, D) (probabilities with ``softmax=False``), target (B, 1, H, W, D)
+        organ ids, mask (B, C): 1 for the organs the sample's cohort annotates."""
+        per = self.dice(logits, target).reshape(logits.shape[0], logits.shape[1])
+        mask = torch.as_tensor(mask, dtype=per.dtype, device=per.device).reshape(per.shape).clone()
+        mask[:, 0] = 0
+        if not mask.any():
+            raise ValueError("no sample of the batch annotates any organ: the partial-label Dice loss is undefined")
+        return (per * mask).sum() / mask.sum()

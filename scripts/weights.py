@@ -28,10 +28,13 @@ import tempfile
 import urllib.error
 import urllib.request
 
+import torch
 import yaml
 from monai.handlers import CheckpointLoader as _MonaiCheckpointLoader
 
-__all__ = ["WeightsError", "CheckpointError", "CheckpointLoader", "read_large_files", "sha256_of", "fetch", "download", "hash_file"]
+__all__ = [
+    "WeightsError", "CheckpointError", "CheckpointLoader", "load_pretrained", "read_large_files", "sha256_of", "fetch", "download", "hash_file",
+]
 
 CHUNK = 1 << 20
 SUPPORTED_HASH = "sha256"
@@ -66,6 +69,61 @@ class CheckpointLoader(_MonaiCheckpointLoader):
             ) from e
         except Exception as e:
             raise CheckpointError(f"{self.load_path}: cannot load this checkpoint: {e}") from e
+
+
+def load_pretrained(network: torch.nn.Module, path: str | None) -> torch.nn.Module:
+    """Starts ``network`` from the weights in ``path`` (fine-tuning) and returns it; ``path`` empty
+    or None returns it untouched.
+
+    ``path`` may be a plain state dict (``models/model.pt``, the ``model.pt`` a training run saves)
+    or a resumable checkpoint of ``configs/train.json`` / ``configs/pretrain.json`` (its ``model``
+    entry; the optimizer and trainer state are not used: fine-tuning starts a new run). Weights saved
+    from a DistributedDataParallel model (``module.`` prefixes) are accepted.
+
+    Every tensor of the network must come from the file with the same shape, and the file may hold
+    nothing else: a checkpoint of another architecture or task (other widths, input channels, deep
+    supervision heads, ...) raises ``CheckpointError`` naming the file and listing the differences,
+    instead of being loaded partially.
+    """
+    if not path:
+        return network
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: pretrained checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the reason is repeated in the message
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint of tensors ({e})") from e
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict (expected a mapping of parameter names to tensors)")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    target = network.module if hasattr(network, "module") else network
+    own = target.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the network"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+
+        def few(items: list[str]) -> str:
+            return ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
+
+        problems = []
+        if shapes:
+            problems.append(f"{len(shapes)} tensors of another shape ({few(shapes)})")
+        if missing:
+            problems.append(f"{len(missing)} network tensors absent from the file ({few(missing)})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} file tensors the network does not have ({few(unexpected)})")
+        raise CheckpointError(
+            f"{path}: was saved from another architecture or task than this configuration "
+            f"({'; '.join(problems)}). Use the same network settings as the run that saved it "
+            "(channels, in_channels, deep_supervision, decoder_residual, ...)."
+        )
+    target.load_state_dict(state, strict=True)
+    return network
 
 
 def read_large_files(bundle_root: str = ".", large_files: str = "large_files.yml") -> list[dict]:

@@ -23,7 +23,7 @@ from monai.networks.utils import one_hot
 
 from scripts.deformation import warp_image, warp_labels_nearest
 
-__all__ = ["pair_to_device", "RegistrationTrainStep", "RegistrationEvalStep", "EpochSeed"]
+__all__ = ["pair_to_device", "RegistrationTrainStep", "RegistrationEvalStep", "SegmentationTrainStep", "EpochSeed"]
 
 PAIR_KEYS = ("moving_image", "fixed_image", "moving_label", "fixed_label")
 
@@ -113,6 +113,33 @@ class RegistrationEvalStep:
             out["ddf_inverse"] = self._ddf(engine, fixed, moving)
         engine.state.output = out
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class SegmentationTrainStep:
+    """One optimisation step of the segmentation network on partially-labelled cohorts: the loss
+    (``scripts.losses.PartialLabelDiceLoss``) also takes the batch's ``mask`` (B, classes), the
+    organs each sample's cohort annotates, which MONAI's default step cannot pass."""
+
+    def __call__(self, engine: Engine, batchdata: dict) -> dict[str, float]:
+        device = engine.state.device
+        image = torch.as_tensor(batchdata["image"]).to(device).float()
+        label = torch.as_tensor(batchdata["label"]).to(device)
+        mask = torch.as_tensor(batchdata["mask"]).to(device)
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        with torch.autocast(device_type=torch.device(device).type, enabled=engine.amp):
+            logits = engine.inferer(image, engine.network)
+            loss = engine.loss_function(logits, label, mask)
+        if engine.amp and engine.scaler is not None:
+            engine.scaler.scale(loss).backward()
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            loss.backward()
+            engine.optimizer.step()
+        engine.state.output = {"loss": loss.item()}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
