@@ -5,7 +5,7 @@ Three steps; the middle one is the bundle's own inference with the CT overlay:
     # 1. read, check, resample both scans to 2 mm on one grid around the fixed scan (optionally
     #    after an ITK affine pre-alignment); writes a Learn2Reg-layout folder
     python -m scripts.ct_pair prepare --fixed FIXED --moving MOVING [--fixed_label L] [--moving_label L] \\
-        --out_dir work/prepared [--prealign affine]
+        --out_dir work/prepared [--prealign center|translation|affine]
     # 2. register it
     python -m monai.bundle run --config_file "['configs/inference.json','configs/abdomen_ct.json']" \\
         --dataset_dir work/prepared --output_dir work/registered --ckpt_path models/model_abdomen_ct.pt
@@ -46,6 +46,8 @@ FIXED_ID, MOVING_ID = "0001", "0002"
 AIR_HU = -1024.0
 # direction of increasing array index for each orientation letter, in ITK's LPS physical frame
 _AXIS = {"R": (-1, 0, 0), "L": (1, 0, 0), "A": (0, -1, 0), "P": (0, 1, 0), "I": (0, 0, -1), "S": (0, 0, 1)}
+
+PREALIGN_KINDS = ("none", "center", "translation", "affine")
 
 Image = itk.Image[itk.F, 3]
 LabelImage = itk.Image[itk.SS, 3]
@@ -198,11 +200,13 @@ def prealign_transform(fixed, moving, kind: str = "affine", init: str | None = N
     ``.tfm``/``.txt``/``.h5`` affine, fixed -> moving, e.g. saved from a manual alignment in 3D
     Slicer); ``center``: translation of the image centres; ``affine``: from ``init`` or the
     centres, a Mattes mutual information affine registration (3 resolutions) of the scans clipped
-    to [-200, 400] HU. Scans of very different coverage (a 4 cm slab against an abdomen-pelvis
-    scan) are not centred on the same anatomy: give ``init`` for them.
+    to [-200, 400] HU; ``translation``: the same registration optimising a translation only (the
+    matrix of ``init``, or the identity, is kept; the returned transform is still an
+    ``AffineTransform``). Scans of very different coverage (a 4 cm slab against an
+    abdomen-pelvis scan) are not centred on the same anatomy: give ``init`` for them.
     """
-    if kind not in ("none", "center", "affine"):
-        raise ValueError(f"prealign must be none, center or affine, got {kind!r}")
+    if kind not in PREALIGN_KINDS:
+        raise ValueError(f"prealign must be one of {', '.join(PREALIGN_KINDS)}, got {kind!r}")
     transform = itk.AffineTransform[itk.D, 3].New()
     if init is not None:
         try:
@@ -221,6 +225,9 @@ def prealign_transform(fixed, moving, kind: str = "affine", init: str | None = N
         transform.SetTranslation([float(t) for t in centre_m - centre_f])
     if kind == "center":
         return transform
+    # translation: a translation t (fixed frame) is optimised after the start transform, which stays
+    # fixed: x -> start(x + t); folded back into the affine below
+    optimised = itk.TranslationTransform[itk.D, 3].New() if kind == "translation" else transform
     metric = itk.MattesMutualInformationImageToImageMetricv4[Image, Image].New(NumberOfHistogramBins=32)
     optimizer = itk.RegularStepGradientDescentOptimizerv4[itk.D].New(
         LearningRate=1.0, MinimumStepLength=1e-3, NumberOfIterations=200, RelaxationFactor=0.5
@@ -230,8 +237,10 @@ def prealign_transform(fixed, moving, kind: str = "affine", init: str | None = N
     )
     optimizer.SetScalesEstimator(scales)
     reg = itk.ImageRegistrationMethodv4[Image, Image].New(
-        FixedImage=f, MovingImage=m, Metric=metric, Optimizer=optimizer, InitialTransform=transform
+        FixedImage=f, MovingImage=m, Metric=metric, Optimizer=optimizer, InitialTransform=optimised
     )
+    if kind == "translation":
+        reg.SetMovingInitialTransform(transform)
     reg.SetNumberOfLevels(3)
     reg.SetShrinkFactorsPerLevel([4, 2, 1])
     reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
@@ -240,7 +249,12 @@ def prealign_transform(fixed, moving, kind: str = "affine", init: str | None = N
     reg.MetricSamplingReinitializeSeed(0)
     reg.InPlaceOn()
     reg.Update()
-    return reg.GetModifiableTransform()
+    if kind == "affine":
+        return reg.GetModifiableTransform()
+    # start(x + t) = A (x + t - c) + c + T = A (x - c) + c + (T + A t)
+    shift = np.array(itk.array_from_matrix(transform.GetMatrix()), dtype=float) @ np.array(optimised.GetOffset(), dtype=float)
+    transform.SetTranslation([float(a + b) for a, b in zip(transform.GetTranslation(), shift)])
+    return transform
 
 
 # --------------------------------------------------------------------------- output helpers
@@ -429,7 +443,7 @@ def main(argv=None) -> int:
     p.add_argument("--fixed_label")
     p.add_argument("--moving_label")
     p.add_argument("--out_dir", required=True)
-    p.add_argument("--prealign", default="none", choices=["none", "center", "affine"])
+    p.add_argument("--prealign", default="none", choices=PREALIGN_KINDS)
     p.add_argument("--init_transform", help="ITK affine transform file, fixed -> moving (starts or replaces --prealign)")
     p.add_argument("--spacing", type=float, default=2.0, help="mm, isotropic (default 2, as AbdomenCTCT)")
     p.add_argument("--orientation", default="RAS", help="axis codes of the prepared arrays (default RAS)")
