@@ -43,7 +43,7 @@ def run(name: str, configs: list[str], args: list[str], work: Path) -> dict:
     print(" ".join(cmd), flush=True)
     start = time.time()
     with open(out / "train.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, check=False, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     seconds = time.time() - start
     text = (out / "train.log").read_text(errors="replace")
     if proc.returncode != 0:

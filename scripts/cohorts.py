@@ -39,9 +39,22 @@ from monai.transforms import MapTransform
 from scripts.learn2reg import DatasetError, read_index, training_cases
 
 __all__ = [
-    "ORGANS", "NUM_CLASSES", "KIDNEY_BY_SIDE", "ABDOMENCTCT_LABELS", "CohortError", "load_cohorts",
-    "cohort_cases", "segmentation_cases", "registration_cases", "check_label_ids", "MapCohortLabelsd",
-    "split_kidneys_by_side", "KeepGroundTruthd", "output_root", "pseudo_label_path", "write_pseudo_label_index",
+    "ABDOMENCTCT_LABELS",
+    "KIDNEY_BY_SIDE",
+    "NUM_CLASSES",
+    "ORGANS",
+    "CohortError",
+    "KeepGroundTruthd",
+    "MapCohortLabelsd",
+    "check_label_ids",
+    "cohort_cases",
+    "load_cohorts",
+    "output_root",
+    "pseudo_label_path",
+    "registration_cases",
+    "segmentation_cases",
+    "split_kidneys_by_side",
+    "write_pseudo_label_index",
 ]  # fmt: skip
 
 ORGANS = (
@@ -75,40 +88,56 @@ def load_cohorts(cohorts) -> list[dict]:
     where = "cohorts"
     base = None
     if isinstance(cohorts, str) and not cohorts:
-        raise CohortError("no cohorts given: pass --cohorts FILE.json (a list of cohorts, see docs/cohorts_example.json)")
+        raise CohortError(
+            "no cohorts given: pass --cohorts FILE.json (a list of cohorts, see docs/cohorts_example.json)"
+        )
     if isinstance(cohorts, str):
         where = base = cohorts
         try:
             with open(cohorts) as f:
                 cohorts = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise CohortError(f"{where}: not a readable JSON list of cohorts ({e})") from e
+            raise CohortError(
+                f"{where}: not a readable JSON list of cohorts ({e})"
+            ) from e
         base = os.path.dirname(os.path.abspath(base))
     if not isinstance(cohorts, (list, tuple)) or not cohorts:
-        raise CohortError(f"{where}: expected a non-empty list of cohorts, got {type(cohorts).__name__}")
+        raise CohortError(
+            f"{where}: expected a non-empty list of cohorts, got {type(cohorts).__name__}"
+        )
     out, names = [], set()
     for i, spec in enumerate(cohorts):
         if not isinstance(spec, dict) or not spec.get("name") or "data" not in spec:
-            raise CohortError(f"{where}: cohort {i} needs a 'name' and 'data', got {spec!r}")
+            raise CohortError(
+                f"{where}: cohort {i} needs a 'name' and 'data', got {spec!r}"
+            )
         name = str(spec["name"])
         if name in names:
             raise CohortError(f"{where}: two cohorts are named {name!r}")
         names.add(name)
         unknown_keys = set(spec) - {"name", "data", "labels", "annotated"}
         if unknown_keys:
-            raise CohortError(f"{where}: cohort {name!r} has unknown keys {sorted(unknown_keys)}")
+            raise CohortError(
+                f"{where}: cohort {name!r} has unknown keys {sorted(unknown_keys)}"
+            )
         labels = _parse_labels(spec.get("labels") or {}, f"{where}: cohort {name!r}")
         mapped = {o for o in labels.values() if o}
-        mapped = (mapped - {KIDNEY_BY_SIDE}) | ({"right_kidney", "left_kidney"} if KIDNEY_BY_SIDE in mapped else set())
+        mapped = (mapped - {KIDNEY_BY_SIDE}) | (
+            {"right_kidney", "left_kidney"} if KIDNEY_BY_SIDE in mapped else set()
+        )
         annotated = spec.get("annotated")
         if annotated is None:
             annotated = sorted(mapped, key=ORGANS.index)
         else:
             if not isinstance(annotated, (list, tuple)):
-                raise CohortError(f"{where}: cohort {name!r}: 'annotated' must be a list of organ names")
+                raise CohortError(
+                    f"{where}: cohort {name!r}: 'annotated' must be a list of organ names"
+                )
             bad = [o for o in annotated if o not in ORGANS]
             if bad:
-                raise CohortError(f"{where}: cohort {name!r}: unknown organs {bad} in 'annotated'; known organs: {list(ORGANS)}")
+                raise CohortError(
+                    f"{where}: cohort {name!r}: unknown organs {bad} in 'annotated'; known organs: {list(ORGANS)}"
+                )
             unlabelled = [o for o in annotated if o not in mapped]
             if unlabelled:
                 raise CohortError(
@@ -120,16 +149,31 @@ def load_cohorts(cohorts) -> list[dict]:
             data = os.path.normpath(os.path.join(base, data))
         lut = np.zeros(max(labels, default=0) + 1, dtype=np.int16)
         for k, organ in labels.items():
-            lut[k] = _SPLIT if organ == KIDNEY_BY_SIDE else (ORGANS.index(organ) + 1 if organ else 0)
+            lut[k] = (
+                _SPLIT
+                if organ == KIDNEY_BY_SIDE
+                else (ORGANS.index(organ) + 1 if organ else 0)
+            )
         mask = np.zeros(NUM_CLASSES, dtype=np.float32)
         mask[[ORGANS.index(o) + 1 for o in annotated]] = 1.0
-        out.append({"name": name, "data": data, "labels": labels, "annotated": list(annotated), "lut": lut, "mask": mask})
+        out.append(
+            {
+                "name": name,
+                "data": data,
+                "labels": labels,
+                "annotated": list(annotated),
+                "lut": lut,
+                "mask": mask,
+            }
+        )
     return out
 
 
 def _parse_labels(labels, where: str) -> dict[int, str | None]:
     if not isinstance(labels, dict):
-        raise CohortError(f"{where}: 'labels' must map label ids to organ names, got {labels!r}")
+        raise CohortError(
+            f"{where}: 'labels' must map label ids to organ names, got {labels!r}"
+        )
     out = {}
     for key, organ in labels.items():
         try:
@@ -137,7 +181,9 @@ def _parse_labels(labels, where: str) -> dict[int, str | None]:
         except (TypeError, ValueError):
             raise CohortError(f"{where}: label id {key!r} is not an integer") from None
         if k < 1:
-            raise CohortError(f"{where}: label id {k}: ids start at 1 (0 is background)")
+            raise CohortError(
+                f"{where}: label id {k}: ids start at 1 (0 is background)"
+            )
         if organ is not None and organ != KIDNEY_BY_SIDE and organ not in ORGANS:
             raise CohortError(
                 f"{where}: label {k} maps to unknown organ {organ!r}; known organs: {list(ORGANS)}, "
@@ -153,9 +199,17 @@ def _files(data, where: str, exclude_val: bool, num_val: int) -> list[dict]:
         entries = []
         for i, e in enumerate(data):
             if not isinstance(e, dict) or not e.get("image"):
-                raise CohortError(f"{where}: data entry {i} needs an 'image', got {e!r}")
-            entries.append({k: os.path.abspath(e[k]) for k in ("image", "label") if e.get(k)})
-    elif isinstance(data, str) and os.path.isfile(data) and data.endswith((".nii", ".nii.gz")):
+                raise CohortError(
+                    f"{where}: data entry {i} needs an 'image', got {e!r}"
+                )
+            entries.append(
+                {k: os.path.abspath(e[k]) for k in ("image", "label") if e.get(k)}
+            )
+    elif (
+        isinstance(data, str)
+        and os.path.isfile(data)
+        and data.endswith((".nii", ".nii.gz"))
+    ):
         entries = [{"image": os.path.abspath(data)}]
     elif isinstance(data, str) and os.path.isfile(data) and data.endswith(".json"):
         folder = os.path.dirname(os.path.abspath(data))
@@ -164,10 +218,20 @@ def _files(data, where: str, exclude_val: bool, num_val: int) -> list[dict]:
                 index = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise CohortError(f"{data}: not a readable dataset JSON ({e})") from e
-        if not isinstance(index, dict) or not isinstance(index.get("training"), list) or not index["training"]:
-            raise CohortError(f"{data}: needs a non-empty 'training' list of {{'image', 'label'}} entries")
+        if (
+            not isinstance(index, dict)
+            or not isinstance(index.get("training"), list)
+            or not index["training"]
+        ):
+            raise CohortError(
+                f"{data}: needs a non-empty 'training' list of {{'image', 'label'}} entries"
+            )
         entries = [
-            {k: os.path.normpath(os.path.join(folder, e[k])) for k in ("image", "label") if isinstance(e, dict) and e.get(k)}
+            {
+                k: os.path.normpath(os.path.join(folder, e[k]))
+                for k in ("image", "label")
+                if isinstance(e, dict) and e.get(k)
+            }
             for e in index["training"]
         ]
     elif isinstance(data, str) and os.path.isdir(data):
@@ -176,14 +240,23 @@ def _files(data, where: str, exclude_val: bool, num_val: int) -> list[dict]:
             has_index = True
         except DatasetError:
             has_index = False
-        if has_index:  # MSD or Learn2Reg folder: registration holds out its validation cases
+        if (
+            has_index
+        ):  # MSD or Learn2Reg folder: registration holds out its validation cases
             try:
-                return [{k: c[k] for k in ("image", "label") if k in c} for c in training_cases(data, num_val, exclude_val)]
+                return [
+                    {k: c[k] for k in ("image", "label") if k in c}
+                    for c in training_cases(data, num_val, exclude_val)
+                ]
             except DatasetError as e:
                 raise CohortError(f"{where}: {e}") from e
-        entries = [{"image": p} for p in sorted(glob.glob(os.path.join(data, "*.nii*")))]
+        entries = [
+            {"image": p} for p in sorted(glob.glob(os.path.join(data, "*.nii*")))
+        ]
     else:
-        raise CohortError(f"{where}: data {data!r} is not a folder, a dataset JSON file or a list of {{'image', 'label'}}")
+        raise CohortError(
+            f"{where}: data {data!r} is not a folder, a dataset JSON file or a list of {{'image', 'label'}}"
+        )
     if not entries:
         raise CohortError(f"{where}: no images in {data!r}")
     for e in entries:
@@ -193,7 +266,9 @@ def _files(data, where: str, exclude_val: bool, num_val: int) -> list[dict]:
     return entries
 
 
-def cohort_cases(cohort: dict, exclude_val: bool = False, num_val: int = 40) -> list[dict]:
+def cohort_cases(
+    cohort: dict, exclude_val: bool = False, num_val: int = 40
+) -> list[dict]:
     """The cases of one normalised cohort: ``image``, ``label`` if any, ``cohort`` (name), ``lut``
     and ``mask`` (see ``load_cohorts``)."""
     where = f"cohort {cohort['name']!r}"
@@ -202,7 +277,10 @@ def cohort_cases(cohort: dict, exclude_val: bool = False, num_val: int = 40) -> 
         for key in ("image", "label"):
             if key in c:
                 _check_header(c[key], where)
-    return [{**c, "cohort": cohort["name"], "lut": cohort["lut"], "mask": cohort["mask"]} for c in cases]
+    return [
+        {**c, "cohort": cohort["name"], "lut": cohort["lut"], "mask": cohort["mask"]}
+        for c in cases
+    ]
 
 
 def _check_header(path: str, where: str) -> None:
@@ -212,7 +290,9 @@ def _check_header(path: str, where: str) -> None:
     except Exception as e:  # nibabel raises several types for unreadable headers
         raise CohortError(f"{path} ({where}): not a readable NIfTI image ({e})") from e
     if len(shape) != 3:
-        raise CohortError(f"{path} ({where}): expected a 3-D image, got shape {tuple(shape)}")
+        raise CohortError(
+            f"{path} ({where}): expected a 3-D image, got shape {tuple(shape)}"
+        )
 
 
 def check_label_ids(cohort: dict, cases: list[dict]) -> None:
@@ -229,7 +309,9 @@ def check_label_ids(cohort: dict, cases: list[dict]) -> None:
         except Exception as e:  # nibabel raises several types for unreadable files
             raise CohortError(f"{c['label']}: not a readable label map ({e})") from e
         if not np.all(values == np.round(values)) or values.min() < 0:
-            raise CohortError(f"{c['label']}: label values must be non-negative integers, got {values[:10]}")
+            raise CohortError(
+                f"{c['label']}: label values must be non-negative integers, got {values[:10]}"
+            )
         ids = {int(v) for v in values} - {0}
         extra = sorted(ids - declared)
         if extra:
@@ -240,7 +322,9 @@ def check_label_ids(cohort: dict, cases: list[dict]) -> None:
         seen |= ids
     labelled = [c for c in cases if "label" in c]
     if declared and not labelled:
-        raise CohortError(f"cohort {cohort['name']!r} maps label ids {sorted(declared)} but none of its cases has a label map")
+        raise CohortError(
+            f"cohort {cohort['name']!r} maps label ids {sorted(declared)} but none of its cases has a label map"
+        )
     absent = sorted(declared - seen)
     if absent:
         raise CohortError(
@@ -249,7 +333,9 @@ def check_label_ids(cohort: dict, cases: list[dict]) -> None:
         )
 
 
-def segmentation_cases(cohorts, check_labels: bool = True, same_grid: bool = False) -> list[dict]:
+def segmentation_cases(
+    cohorts, check_labels: bool = True, same_grid: bool = False
+) -> list[dict]:
     """All cases of all cohorts for the segmentation network; with ``check_labels`` every label map
     is read once to check it against its cohort's mapping (about 0.5 s per CT label map). With
     ``same_grid`` (inference, where ground-truth organs are copied into the pseudo-label on the
@@ -278,7 +364,9 @@ def _check_same_grid(image: str, label: str) -> None:
         )
 
 
-def registration_cases(cohorts, use_labels: bool = False, num_val: int = 40) -> list[dict]:
+def registration_cases(
+    cohorts, use_labels: bool = False, num_val: int = 40
+) -> list[dict]:
     """Cases for registration pretraining, each tagged with its ``cohort`` so that pairs are drawn
     within a cohort. Learn2Reg / MSD folders hold out their validation cases. Without
     ``use_labels`` label maps are dropped (unsupervised: similarity + regulariser); with it they
@@ -287,18 +375,24 @@ def registration_cases(cohorts, use_labels: bool = False, num_val: int = 40) -> 
     for cohort in load_cohorts(cohorts):
         cases = cohort_cases(cohort, exclude_val=True, num_val=num_val)
         if len(cases) < 2:
-            raise CohortError(f"cohort {cohort['name']!r}: pairs are drawn within a cohort and it has {len(cases)} case")
+            raise CohortError(
+                f"cohort {cohort['name']!r}: pairs are drawn within a cohort and it has {len(cases)} case"
+            )
         for c in cases:
             case = {"image": c["image"], "cohort": c["cohort"]}
             if use_labels:
                 if "label" not in c:
-                    raise CohortError(f"cohort {cohort['name']!r}: {c['image']} has no label map (use_labels is on)")
+                    raise CohortError(
+                        f"cohort {cohort['name']!r}: {c['image']} has no label map (use_labels is on)"
+                    )
                 case["label"] = c["label"]
             out.append(case)
     return out
 
 
-def split_kidneys_by_side(kidney: torch.Tensor, affine, body: torch.Tensor | None = None) -> torch.Tensor:
+def split_kidneys_by_side(
+    kidney: torch.Tensor, affine, body: torch.Tensor | None = None
+) -> torch.Tensor:
     """Organ ids for a mask holding both kidneys (bool, spatial shape): right kidney (2) on the
     patient's right of the midline, left kidney (3) on the left. RAS world x (``affine``, MONAI /
     nibabel convention) increases towards the patient's right; the midline is the mean x of
@@ -325,7 +419,13 @@ class MapCohortLabelsd(MapTransform):
     splitting ``kidney_by_side`` ids with ``image_key``'s body midline. Runs on the loaded label
     (1, H, W, D), before any resampling. An id outside the mapping raises, naming the file."""
 
-    def __init__(self, keys="label", image_key: str = "image", lut_key: str = "lut", allow_missing_keys: bool = True):
+    def __init__(
+        self,
+        keys="label",
+        image_key: str = "image",
+        lut_key: str = "lut",
+        allow_missing_keys: bool = True,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.image_key, self.lut_key = image_key, lut_key
 
@@ -349,12 +449,16 @@ class MapCohortLabelsd(MapTransform):
                     body = torch.as_tensor(d[self.image_key])[0] > BODY_HU
                 affine = getattr(label, "affine", None)
                 if affine is None:
-                    raise CohortError(f"{name}: kidney_by_side needs the label map's affine (load it with LoadImaged)")
+                    raise CohortError(
+                        f"{name}: kidney_by_side needs the label map's affine (load it with LoadImaged)"
+                    )
                 sides = split_kidneys_by_side(split[0], affine, body)
                 mapped = torch.where(split, sides[None], mapped)
             out = mapped.to(torch.float32)
             if isinstance(label, MetaTensor):
-                out = MetaTensor(out, meta=label.meta, applied_operations=label.applied_operations)
+                out = MetaTensor(
+                    out, meta=label.meta, applied_operations=label.applied_operations
+                )
             d[key] = out
         return d
 
@@ -366,7 +470,13 @@ class KeepGroundTruthd(MapTransform):
     else; every ground-truth organ voxel keeps its ground-truth id. Cases without a label map are
     left unchanged."""
 
-    def __init__(self, keys="pred", label_key: str = "label", mask_key: str = "mask", allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys="pred",
+        label_key: str = "label",
+        mask_key: str = "mask",
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.label_key, self.mask_key = label_key, mask_key
 
@@ -375,15 +485,29 @@ class KeepGroundTruthd(MapTransform):
         if self.label_key not in d or self.mask_key not in d:
             return d
         gt = torch.as_tensor(d[self.label_key]).round().long()
-        annotated = torch.nonzero(torch.as_tensor(np.asarray(d[self.mask_key])) > 0).flatten()
+        annotated = torch.nonzero(
+            torch.as_tensor(np.asarray(d[self.mask_key])) > 0
+        ).flatten()
         for key in self.key_iterator(d):
             pred = d[key]
             values = torch.as_tensor(pred).round().long()
             if values.shape != gt.shape:
-                raise ValueError(f"prediction shape {tuple(values.shape)} and label map shape {tuple(gt.shape)} differ")
-            out = torch.where(torch.isin(values, annotated.to(values.device)), torch.zeros_like(values), values)
+                raise ValueError(
+                    f"prediction shape {tuple(values.shape)} and label map shape {tuple(gt.shape)} differ"
+                )
+            out = torch.where(
+                torch.isin(values, annotated.to(values.device)),
+                torch.zeros_like(values),
+                values,
+            )
             out = torch.where(gt > 0, gt.to(out.device), out).to(pred.dtype)
-            d[key] = MetaTensor(out, meta=pred.meta, applied_operations=pred.applied_operations) if isinstance(pred, MetaTensor) else out
+            d[key] = (
+                MetaTensor(
+                    out, meta=pred.meta, applied_operations=pred.applied_operations
+                )
+                if isinstance(pred, MetaTensor)
+                else out
+            )
         return d
 
 
@@ -397,19 +521,31 @@ def output_root(cases: list[dict]) -> str:
         raise CohortError("no images to segment")
     twice = sorted({p for p in images if images.count(p) > 1})
     if twice:
-        raise CohortError(f"{twice[0]}: listed {images.count(twice[0])} times (in one or several cohorts); its label map would be written twice")
+        raise CohortError(
+            f"{twice[0]}: listed {images.count(twice[0])} times (in one or several cohorts); its label map would be written twice"
+        )
     return os.path.commonpath([os.path.dirname(p) for p in images])
 
 
-def pseudo_label_path(image: str, output_dir: str, root: str, postfix: str = "seg") -> str:
+def pseudo_label_path(
+    image: str, output_dir: str, root: str, postfix: str = "seg"
+) -> str:
     """Where seg_inference.json writes the label map of ``image`` (see ``output_root``)."""
     stem = os.path.basename(image)
-    stem = stem[: -len(".nii.gz")] if stem.endswith(".nii.gz") else os.path.splitext(stem)[0]
+    stem = (
+        stem[: -len(".nii.gz")]
+        if stem.endswith(".nii.gz")
+        else os.path.splitext(stem)[0]
+    )
     rel = os.path.relpath(os.path.dirname(os.path.abspath(image)), root)
-    return os.path.normpath(os.path.join(os.path.abspath(output_dir), rel, f"{stem}_{postfix}.nii.gz"))
+    return os.path.normpath(
+        os.path.join(os.path.abspath(output_dir), rel, f"{stem}_{postfix}.nii.gz")
+    )
 
 
-def write_pseudo_label_index(cases: list[dict], output_dir: str, postfix: str = "seg") -> str:
+def write_pseudo_label_index(
+    cases: list[dict], output_dir: str, postfix: str = "seg"
+) -> str:
     """After seg_inference.json: ``<output_dir>/dataset.json`` listing each image with its written
     pseudo-label map, usable as a pretraining cohort (``{"name": ..., "data": "<output_dir>/dataset.json"}``).
     Refuses (naming it) a case whose label map was not written. Returns the JSON path."""
@@ -418,7 +554,9 @@ def write_pseudo_label_index(cases: list[dict], output_dir: str, postfix: str = 
     for c in cases:
         label = pseudo_label_path(c["image"], output_dir, root, postfix)
         if not os.path.isfile(label):
-            raise CohortError(f"{label}: the pseudo-label map of {c['image']} was not written")
+            raise CohortError(
+                f"{label}: the pseudo-label map of {c['image']} was not written"
+            )
         entries.append({"image": c["image"], "label": label, "cohort": c["cohort"]})
     path = os.path.join(output_dir, "dataset.json")
     tmp = path + ".tmp"

@@ -9,7 +9,7 @@ import numpy as np
 from monai.transforms import Randomizable, apply_transform
 from torch.utils.data import Dataset
 
-__all__ = ["RandomPairDataset", "PairDataset", "check_dataset"]
+__all__ = ["PairDataset", "RandomPairDataset", "check_dataset"]
 
 
 class RandomPairDataset(Dataset, Randomizable):

@@ -10,7 +10,7 @@ from torch import nn
 
 from scripts.deformation import gradient_to_ddf, warp_image, warp_labels_onehot
 
-__all__ = ["LocalNCCLoss", "SymmetricRegistrationLoss", "PartialLabelDiceLoss"]
+__all__ = ["LocalNCCLoss", "PartialLabelDiceLoss", "SymmetricRegistrationLoss"]
 
 
 class LocalNCCLoss(nn.Module):

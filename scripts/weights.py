@@ -33,7 +33,15 @@ import yaml
 from monai.handlers import CheckpointLoader as _MonaiCheckpointLoader
 
 __all__ = [
-    "WeightsError", "CheckpointError", "CheckpointLoader", "load_pretrained", "read_large_files", "sha256_of", "fetch", "download", "hash_file",
+    "CheckpointError",
+    "CheckpointLoader",
+    "WeightsError",
+    "download",
+    "fetch",
+    "hash_file",
+    "load_pretrained",
+    "read_large_files",
+    "sha256_of",
 ]
 
 CHUNK = 1 << 20
@@ -91,7 +99,7 @@ def load_pretrained(network: torch.nn.Module, path: str | None) -> torch.nn.Modu
         raise CheckpointError(f"{path}: pretrained checkpoint not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - the reason is repeated in the message
+    except Exception as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint of tensors ({e})") from e
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]

@@ -18,12 +18,12 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.data.utils import set_rnd
 from monai.engines.utils import IterationEvents
-from monai.utils import set_determinism
 from monai.networks.utils import one_hot
+from monai.utils import set_determinism
 
 from scripts.deformation import warp_image, warp_labels_nearest
 
-__all__ = ["pair_to_device", "RegistrationTrainStep", "RegistrationEvalStep", "SegmentationTrainStep", "EpochSeed"]
+__all__ = ["EpochSeed", "RegistrationEvalStep", "RegistrationTrainStep", "SegmentationTrainStep", "pair_to_device"]
 
 PAIR_KEYS = ("moving_image", "fixed_image", "moving_label", "fixed_label")
 

@@ -1,0 +1,278 @@
+"""Partially-labelled cohorts (issue 5): cohort declarations and their errors, label mapping
+(including KiTS-style kidneys split by side, on a real CT), the partial-label Dice loss (an organ a
+cohort does not annotate contributes nothing), ground truth kept in pseudo-labels, pairs drawn
+within a cohort, and fine-tuning weights refused from another architecture."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.transforms import EnsureChannelFirstd, LoadImaged
+
+from scripts import cohorts as C
+from scripts.data import RandomPairDataset
+from scripts.losses import PartialLabelDiceLoss
+from scripts.networks import SpatialGradientRegNet
+from scripts.weights import CheckpointError, load_pretrained
+from tests.test_bundle import ROOT
+
+CT = ROOT.parent / "shared" / "data" / "abdomen_ct_samples"
+A_CT, A_LAB = CT / "subject_a" / "ct.nii.gz", CT / "subject_a" / "labels_l2r.nii.gz"
+A_IDS = {"1": "spleen", "2": "right_kidney", "3": "left_kidney", "4": "gallbladder", "6": "liver", "7": "stomach",
+         "8": "aorta", "9": "ivc", "10": "portal_vein", "11": "pancreas", "12": None, "13": None}  # fmt: skip
+needs_ct = pytest.mark.skipif(
+    not CT.is_dir(), reason="needs ../shared/data/abdomen_ct_samples"
+)
+ORGAN = {o: i + 1 for i, o in enumerate(C.ORGANS)}
+
+
+def cohort(labels, data=None, **kw):
+    return {
+        "name": "a",
+        "data": data or [{"image": str(A_CT), "label": str(A_LAB)}],
+        "labels": labels,
+        **kw,
+    }
+
+
+# --------------------------------------------------------------------------- declarations
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (cohort({"1": "lung"}), "unknown organ 'lung'"),
+        (
+            cohort({"1": "spleen"}, annotated=["spleen", "brain"]),
+            "unknown organs ['brain']",
+        ),
+        (
+            cohort({"1": "spleen"}, annotated=["spleen", "liver"]),
+            "declares ['liver'] annotated but no label id maps",
+        ),
+        (cohort({"one": "spleen"}), "label id 'one' is not an integer"),
+        (cohort({"0": "spleen"}), "ids start at 1"),
+        ({"name": "a"}, "needs a 'name' and 'data'"),
+        (cohort({"1": "spleen"}, organs=["x"]), "unknown keys ['organs']"),
+    ],
+)
+def test_bad_cohort_declarations_are_refused(spec, message):
+    with pytest.raises(C.CohortError, match=None) as e:
+        C.load_cohorts([spec])
+    assert (
+        message in str(e.value) and "'a'" in str(e.value)
+        if "name" in spec
+        else message in str(e.value)
+    )
+
+
+def test_cohort_list_errors(tmp_path):
+    with pytest.raises(C.CohortError, match="no cohorts given"):
+        C.load_cohorts("")
+    with pytest.raises(C.CohortError, match="two cohorts are named 'a'"):
+        C.load_cohorts([cohort({"1": "spleen"}), cohort({"1": "spleen"})])
+    bad = tmp_path / "c.json"
+    bad.write_text("[{")
+    with pytest.raises(C.CohortError, match=str(bad)):
+        C.load_cohorts(str(bad))
+
+
+def test_lut_mask_and_relative_paths(tmp_path):
+    (tmp_path / "d").mkdir()
+    path = tmp_path / "cohorts.json"
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "name": "kits",
+                    "data": "d",
+                    "labels": {"1": "kidney_by_side", "2": None},
+                }
+            ]
+        )
+    )
+    (c,) = C.load_cohorts(str(path))
+    assert c["data"] == str(tmp_path / "d")
+    assert c["annotated"] == ["right_kidney", "left_kidney"]
+    assert c["lut"].tolist() == [0, -1, 0]
+    assert np.flatnonzero(c["mask"]).tolist() == [
+        ORGAN["right_kidney"],
+        ORGAN["left_kidney"],
+    ]
+    (ct,) = C.load_cohorts([cohort(C.ABDOMENCTCT_LABELS)])
+    assert (
+        ct["mask"].sum() == 11 and ct["mask"][0] == 0
+    )  # all 11 organs, adrenal glands dropped
+
+
+@needs_ct
+def test_label_ids_checked_against_the_data(tmp_path):
+    (ok,) = C.load_cohorts([cohort(A_IDS)])
+    C.check_label_ids(ok, C.cohort_cases(ok))
+    (absent,) = C.load_cohorts([cohort({**A_IDS, "5": "oesophagus", "99": "liver"})])
+    with pytest.raises(
+        C.CohortError,
+        match=r"cohort 'a': label ids \[5, 99\] of its mapping occur in none",
+    ):
+        C.check_label_ids(absent, C.cohort_cases(absent))
+    undeclared = {k: v for k, v in A_IDS.items() if k not in ("12", "13")}
+    (partial,) = C.load_cohorts([cohort(undeclared)])
+    with pytest.raises(
+        C.CohortError,
+        match=rf"{A_LAB}: label ids \[12, 13\] are not in the mapping of cohort 'a'",
+    ):
+        C.check_label_ids(partial, C.cohort_cases(partial))
+    (missing,) = C.load_cohorts(
+        [cohort(A_IDS, data=[{"image": str(tmp_path / "nope.nii.gz")}])]
+    )
+    with pytest.raises(C.CohortError, match="nope.nii.gz does not exist"):
+        C.cohort_cases(missing)
+
+
+@needs_ct
+def test_mapping_and_kidneys_split_by_side_on_a_real_ct():
+    """KiTS labels both kidneys with one id: merge A's two kidney ids into one and split them back
+    by side; the right kidney must come back as A's right kidney (RAS: patient's right is +x)."""
+    (both,) = C.load_cohorts(
+        [cohort({**A_IDS, "2": "kidney_by_side", "3": "kidney_by_side"})]
+    )
+    (case,) = C.cohort_cases(both)
+    d = EnsureChannelFirstd(["image", "label"])(
+        LoadImaged(["image", "label"], image_only=True)(case)
+    )
+    mapped = C.MapCohortLabelsd("label")(d)["label"][0].numpy()
+    truth = np.asarray(nib.load(str(A_LAB)).dataobj)
+    for organ, file_id in (("right_kidney", 2), ("left_kidney", 3)):
+        a, b = mapped == ORGAN[organ], truth == file_id
+        assert b.sum() > 1000
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.99, organ
+    assert ((mapped == ORGAN["liver"]) == (truth == 6)).all()
+    assert not (
+        mapped[(truth == 12) | (truth == 13)]
+    ).any()  # dropped ids become background
+    assert set(np.unique(mapped)) <= set(range(C.NUM_CLASSES))
+
+
+# --------------------------------------------------------------------------- partial-label loss
+def test_organ_a_cohort_does_not_annotate_contributes_nothing():
+    torch.manual_seed(0)
+    n = C.NUM_CLASSES
+    target = torch.randint(0, 5, (2, 1, 8, 8, 8))  # organ ids 0..4 (4: liver)
+    mask = torch.zeros(2, n)
+    mask[0, [1, 2]] = 1  # sample 0's cohort annotates spleen and right kidney
+    mask[1, [1, 2, 4]] = 1  # sample 1's also the liver
+    loss = PartialLabelDiceLoss(softmax=False)
+    probs = torch.softmax(torch.randn(2, n, 8, 8, 8), 1).requires_grad_()
+    value = loss(probs, target, mask)
+    value.backward()
+    liver = ORGAN["liver"]
+    assert (
+        torch.count_nonzero(probs.grad[0, liver]) == 0
+    )  # not annotated by sample 0's cohort
+    assert torch.count_nonzero(probs.grad[0, 0]) == 0  # background is never counted
+    assert (
+        torch.count_nonzero(probs.grad[1, liver]) > 0
+    )  # annotated by sample 1's cohort
+    assert torch.count_nonzero(probs.grad[0, 1]) > 0
+    # Changing sample 0's liver prediction leaves the loss unchanged; sample 1's does not.
+    for sample, same in ((0, True), (1, False)):
+        changed = probs.detach().clone()
+        changed[sample, liver] = torch.rand(8, 8, 8)
+        assert torch.equal(loss(changed, target, mask), value.detach()) == same
+    # Equal to the mean of per-(sample, organ) soft Dice over annotated pairs (hand-written).
+    one_hot = (
+        torch.nn.functional.one_hot(target[:, 0], n).permute(0, 4, 1, 2, 3).float()
+    )
+    p = probs.detach()
+    dice = 1 - (2 * (p * one_hot).sum((2, 3, 4)) + 1e-5) / (
+        p.sum((2, 3, 4)) + one_hot.sum((2, 3, 4)) + 1e-5
+    )
+    assert torch.allclose(value.detach(), dice[mask.bool()].mean(), atol=1e-6)
+    with pytest.raises(ValueError, match="no sample of the batch annotates any organ"):
+        loss(probs, target, torch.zeros(2, n))
+
+
+# --------------------------------------------------------------------------- pseudo-labels
+def test_keep_ground_truth():
+    pred = torch.tensor([[[[0, 4, 4, 1, 5, 2]]]], dtype=torch.float32)  # (1, 1, 1, 6)
+    gt = torch.tensor([[[[4, 4, 0, 0, 0, 3]]]], dtype=torch.float32)
+    mask = np.zeros(C.NUM_CLASSES, np.float32)
+    mask[[3, 4]] = 1  # the cohort annotates left kidney and liver
+    out = C.KeepGroundTruthd("pred")({"pred": pred, "label": gt, "mask": mask})["pred"]
+    # liver only where the ground truth has it; spleen (not annotated) predicted where GT is empty.
+    assert out.flatten().tolist() == [4, 4, 0, 1, 5, 3]
+    unlabelled = C.KeepGroundTruthd("pred")({"pred": pred})["pred"]
+    assert torch.equal(unlabelled, pred)
+
+
+def test_output_paths_do_not_collide(tmp_path):
+    cases = [
+        {"image": "/d/case_0/imaging.nii.gz"},
+        {"image": "/d/case_1/imaging.nii.gz"},
+    ]
+    root = C.output_root(cases)
+    paths = {C.pseudo_label_path(c["image"], str(tmp_path), root) for c in cases}
+    assert paths == {
+        str(tmp_path / "case_0" / "imaging_seg.nii.gz"),
+        str(tmp_path / "case_1" / "imaging_seg.nii.gz"),
+    }
+    with pytest.raises(C.CohortError, match="listed 2 times"):
+        C.output_root(cases + cases[:1])
+
+
+# --------------------------------------------------------------------------- pretraining pairs
+def test_pairs_drawn_within_a_cohort():
+    cases = [
+        {"image": torch.full((1, 2, 2, 2), float(i)), "cohort": "ab"[i % 2]}
+        for i in range(6)
+    ]
+    ds = RandomPairDataset(cases, group_key="cohort").set_random_state(0)
+    seen = set()
+    for _ in range(20):
+        for i in range(6):
+            pair = ds[i]
+            m, f = (
+                int(pair["moving_image"].flatten()[0]),
+                int(pair["fixed_image"].flatten()[0]),
+            )
+            assert m == i and f != m and f % 2 == m % 2
+            seen.add((m, f))
+    assert len(seen) == 12  # every within-cohort pair occurs
+    with pytest.raises(ValueError, match=r"\['c'\] have a single case"):
+        RandomPairDataset(
+            [*cases, {"image": cases[0]["image"], "cohort": "c"}], group_key="cohort"
+        )
+
+
+# --------------------------------------------------------------------------- fine-tuning weights
+def test_load_pretrained_exact_or_refused(tmp_path):
+    def net(**kw):
+        return SpatialGradientRegNet(
+            **{"channels": (4, 8, 16, 32, 64), "deep_supervision": False, **kw}
+        )
+
+    source = net()
+    plain, resumable, ddp = (
+        tmp_path / "plain.pt",
+        tmp_path / "ckpt.pt",
+        tmp_path / "ddp.pt",
+    )
+    torch.save(source.state_dict(), plain)
+    torch.save({"model": source.state_dict(), "optimizer": {}}, resumable)
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, ddp)
+    for path in (plain, resumable, ddp):
+        loaded = load_pretrained(net(), str(path))
+        for k, v in source.state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], v), (path.name, k)
+    untouched = net()
+    assert load_pretrained(untouched, "") is untouched
+    for other, what in (
+        (net(channels=(8, 16, 32, 64, 128)), "tensors of another shape"),
+        (net(in_channels=3), "tensors of another shape"),  # a CT network (3 HU windows)
+        (net(deep_supervision=True), "network tensors absent from the file"),
+    ):
+        with pytest.raises(CheckpointError, match="another architecture or task") as e:
+            load_pretrained(other, str(plain))
+        assert str(plain) in str(e.value) and what in str(e.value)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_pretrained(untouched, str(tmp_path / "missing.pt"))
