@@ -334,15 +334,18 @@ def check_label_ids(cohort: dict, cases: list[dict]) -> None:
 
 
 def segmentation_cases(
-    cohorts, check_labels: bool = True, same_grid: bool = False
+    cohorts, check_labels: bool = True, same_grid: bool = False, annotated_only: bool = False
 ) -> list[dict]:
     """All cases of all cohorts for the segmentation network; with ``check_labels`` every label map
     is read once to check it against its cohort's mapping (about 0.5 s per CT label map). With
     ``same_grid`` (inference, where ground-truth organs are copied into the pseudo-label on the
     scan's own grid) a label map must have its image's shape and affine (headers only; prepare
-    the cohort with ``scripts.prepare_cohorts`` otherwise)."""
+    the cohort with ``scripts.prepare_cohorts`` otherwise). With ``annotated_only`` (training),
+    cohorts that annotate no organ (scans to pseudo-label only) are left out."""
     out = []
     for cohort in load_cohorts(cohorts):
+        if annotated_only and not cohort["annotated"]:
+            continue
         cases = cohort_cases(cohort)
         if same_grid:
             for c in cases:
@@ -351,6 +354,8 @@ def segmentation_cases(
         if check_labels:
             check_label_ids(cohort, cases)
         out += cases
+    if not out:
+        raise CohortError("no cohort annotates any organ: nothing to train the segmentation network on")
     return out
 
 
@@ -543,25 +548,28 @@ def pseudo_label_path(
     )
 
 
-def write_pseudo_label_index(
-    cases: list[dict], output_dir: str, postfix: str = "seg"
-) -> str:
-    """After seg_inference.json: ``<output_dir>/dataset.json`` listing each image with its written
-    pseudo-label map, usable as a pretraining cohort (``{"name": ..., "data": "<output_dir>/dataset.json"}``).
-    Refuses (naming it) a case whose label map was not written. Returns the JSON path."""
+def write_pseudo_label_index(cases: list[dict], output_dir: str, postfix: str = "seg") -> str:
+    """After seg_inference.json: ``<output_dir>/dataset.json`` listing every image with its
+    pseudo-label map (organ ids), and ``<output_dir>/cohorts.json``, the same cases grouped by
+    their cohort: ``--cohorts <output_dir>/cohorts.json --use_labels True`` pretrains the
+    registration network on them with pairs drawn within each cohort. Refuses (naming it) a case
+    whose label map was not written. Returns the path of cohorts.json."""
     entries = []
     root = output_root(cases)
     for c in cases:
         label = pseudo_label_path(c["image"], output_dir, root, postfix)
         if not os.path.isfile(label):
-            raise CohortError(
-                f"{label}: the pseudo-label map of {c['image']} was not written"
-            )
+            raise CohortError(f"{label}: the pseudo-label map of {c['image']} was not written")
         entries.append({"image": c["image"], "label": label, "cohort": c["cohort"]})
-    path = os.path.join(output_dir, "dataset.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"description": "pseudo-labels (organ ids: 0 background, " + ", ".join(f"{i + 1} {o}" for i, o in enumerate(ORGANS))
-                   + ")", "labels": {"0": "background", **{str(i + 1): o for i, o in enumerate(ORGANS)}}, "training": entries}, f, indent=1)  # fmt: skip
-    os.replace(tmp, path)
+    organ_ids = {"0": "background", **{str(i + 1): o for i, o in enumerate(ORGANS)}}
+    index = {"description": "pseudo-labels written by configs/seg_inference.json", "labels": organ_ids, "training": entries}
+    groups: dict[str, list] = {}
+    for e in entries:
+        groups.setdefault(e["cohort"], []).append({"image": e["image"], "label": e["label"]})
+    listing = [{"name": name, "data": data} for name, data in groups.items()]
+    for name, content in (("dataset.json", index), ("cohorts.json", listing)):
+        path = os.path.join(output_dir, name)
+        with open(path + ".tmp", "w") as f:
+            json.dump(content, f, indent=1)
+        os.replace(path + ".tmp", path)
     return path

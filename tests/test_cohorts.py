@@ -276,3 +276,13 @@ def test_load_pretrained_exact_or_refused(tmp_path):
         assert str(plain) in str(e.value) and what in str(e.value)
     with pytest.raises(CheckpointError, match="not found"):
         load_pretrained(untouched, str(tmp_path / "missing.pt"))
+
+
+@needs_ct
+def test_cohorts_without_annotated_organs_are_not_trained_on():
+    to_label = {"name": "unlabelled", "data": [{"image": str(A_CT)}]}
+    cases = C.segmentation_cases([cohort(A_IDS), to_label], annotated_only=True)
+    assert [c["cohort"] for c in cases] == ["a"]
+    assert len(C.segmentation_cases([cohort(A_IDS), to_label])) == 2  # inference labels both
+    with pytest.raises(C.CohortError, match="no cohort annotates any organ"):
+        C.segmentation_cases([to_label], annotated_only=True)

@@ -25,7 +25,7 @@ def pretrained(tmp_path_factory):
     cohorts = tmp / "cohorts.json"
     cohorts.write_text(json.dumps([{"name": "first", "data": [{"image": p} for p in images[:4]]},
                                    {"name": "second", "data": [{"image": p} for p in images[4:]]}]))  # fmt: skip
-    proc = ok(bundle("--dataset_dir", str(SAMPLE), "--cohorts", str(cohorts), "--ckpt_dir", str(tmp / "ckpt"),
+    proc = ok(bundle("--dataset_dir", str(SAMPLE), "--cohorts", str(cohorts), "--cache_dir", str(tmp / "cache"), "--ckpt_dir", str(tmp / "ckpt"),
                      *TINY, "--batch_size", "2", "--num_workers", "0", "--max_epochs", "1", "--val_interval", "1",
                      *VAL_ONE, configs=("train", "pretrain")))  # fmt: skip
     return tmp, proc
@@ -42,6 +42,8 @@ def test_unsupervised_pretraining_runs(pretrained):
     )
     ckpt = torch.load(tmp / "ckpt" / "checkpoint_epoch=1.pt", weights_only=True)
     assert ckpt["trainer"]["iteration"] == 4
+    # Preprocessed cases cached on disk (PersistentDataset), one file per image, not in memory.
+    assert len(list((tmp / "cache").glob("*.pt"))) == 8
 
 
 def test_pretrain_then_finetune_carries_weights_exactly(pretrained, tmp_path):

@@ -14,7 +14,7 @@ import torch
 from monai.networks.nets import UNet
 
 from scripts import ct_pair
-from scripts.cohorts import ORGANS
+from scripts.cohorts import ORGANS, cohort_cases, load_cohorts
 from scripts.weights import load_pretrained
 from tests.test_bundle import bundle, ok
 from tests.test_cohorts import A_CT, A_IDS, A_LAB, CT
@@ -110,6 +110,8 @@ def test_seg_inference_label_maps_on_each_scans_grid(trained, data, tmp_path):
     ok(bundle("--cohorts", str(data / "cohorts.json"), "--ckpt_path", str(model), "--output_dir", str(tmp_path), *SMALL,
               configs=("seg_inference",)))  # fmt: skip
     index = json.loads((tmp_path / "dataset.json").read_text())
+    by_cohort = load_cohorts(str(tmp_path / "cohorts.json"))  # ready for pretrain.json --cohorts
+    assert [(c["name"], len(cohort_cases(c))) for c in by_cohort] == [("a", 1), ("b", 1)]
     assert [e["image"] for e in index["training"]] == [
         str(A_CT),
         str(data / "b_ct.nii.gz"),
@@ -147,28 +149,29 @@ def test_seg_inference_label_maps_on_each_scans_grid(trained, data, tmp_path):
         assert np.isin(seg[gt == 0], annotated_ids).sum() == 0
 
 
+def _unknown_organ(c):
+    c[0]["labels"]["6"] = "hepar"
+
+
+def _id_absent(c):
+    c[1]["labels"]["2"] = "right_kidney"
+
+
+def _id_undeclared(c):
+    c[1]["labels"].pop("12")
+
+
 @pytest.mark.parametrize(
-    "change, message",
+    "config, change, message",
     [
-        (
-            lambda c: c[0]["labels"].update({"6": "hepar"}),
-            "maps to unknown organ 'hepar'",
-        ),
-        (
-            lambda c: c[1]["labels"].update({"2": "right_kidney"}),
-            "cohort 'b': label ids [2] of its mapping occur in none",
-        ),
-        (
-            lambda c: c[1]["labels"].pop("12"),
-            "label ids [12] are not in the mapping of cohort 'b'",
-        ),
+        ("seg_train", _unknown_organ, "maps to unknown organ 'hepar'"),
+        ("seg_train", _id_absent, "cohort 'b': label ids [2] of its mapping occur in none"),
+        ("seg_train", _id_undeclared, "label ids [12] are not in the mapping of cohort 'b'"),
+        ("seg_inference", _id_absent, "cohort 'b': label ids [2] of its mapping occur in none"),
     ],
-    ids=["unknown-organ", "id-absent-from-data", "id-not-declared"],
+    ids=["train-unknown-organ", "train-id-absent-from-data", "train-id-not-declared", "inference-id-absent-from-data"],
 )
-@pytest.mark.parametrize("config", ["seg_train", "seg_inference"])
-def test_bad_cohorts_stop_before_any_output(
-    data, trained, tmp_path, change, message, config
-):
+def test_bad_cohorts_stop_before_any_output(data, trained, tmp_path, config, change, message):
     cohorts = json.loads((data / "cohorts.json").read_text())
     change(cohorts)
     path = tmp_path / "cohorts.json"
