@@ -78,7 +78,9 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(data):
-    proc = ok(bundle("--cohorts", str(data / "cohorts.json"), "--ckpt_dir", str(data / "seg"), *SMALL,
+    # Validation on the same two scans (there are no others), once, after epoch 2.
+    proc = ok(bundle("--cohorts", str(data / "cohorts.json"), "--val_cohorts", str(data / "cohorts.json"),
+                     "--val_interval", "2", "--ckpt_dir", str(data / "seg"), *SMALL,
                      "--max_epochs", "2", "--num_workers", "0", configs=("seg_train",)))  # fmt: skip
     return data / "seg" / "seg_model.pt", proc
 
@@ -90,6 +92,9 @@ def test_seg_train_few_steps(trained):
         for x in re.findall(r"Iter: 1/1 -- loss: ([\d.]+)", proc.stdout + proc.stderr)
     ]
     assert len(losses) == 2 and all(0 < v <= 1 for v in losses)
+    dice = re.findall(r"Epoch\[(\d)\] Metrics -- val_mean_dice: ([\d.]+)", proc.stdout + proc.stderr)
+    assert [e for e, _ in dice] == ["2"] and 0 <= float(dice[0][1]) <= 1
+    assert (model.parent / "seg_model_best.pt").is_file()
     net = UNet(
         3,
         1,
