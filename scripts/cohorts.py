@@ -97,42 +97,30 @@ def load_cohorts(cohorts) -> list[dict]:
             with open(cohorts) as f:
                 cohorts = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise CohortError(
-                f"{where}: not a readable JSON list of cohorts ({e})"
-            ) from e
+            raise CohortError(f"{where}: not a readable JSON list of cohorts ({e})") from e
         base = os.path.dirname(os.path.abspath(base))
     if not isinstance(cohorts, (list, tuple)) or not cohorts:
-        raise CohortError(
-            f"{where}: expected a non-empty list of cohorts, got {type(cohorts).__name__}"
-        )
+        raise CohortError(f"{where}: expected a non-empty list of cohorts, got {type(cohorts).__name__}")
     out, names = [], set()
     for i, spec in enumerate(cohorts):
         if not isinstance(spec, dict) or not spec.get("name") or "data" not in spec:
-            raise CohortError(
-                f"{where}: cohort {i} needs a 'name' and 'data', got {spec!r}"
-            )
+            raise CohortError(f"{where}: cohort {i} needs a 'name' and 'data', got {spec!r}")
         name = str(spec["name"])
         if name in names:
             raise CohortError(f"{where}: two cohorts are named {name!r}")
         names.add(name)
         unknown_keys = set(spec) - {"name", "data", "labels", "annotated"}
         if unknown_keys:
-            raise CohortError(
-                f"{where}: cohort {name!r} has unknown keys {sorted(unknown_keys)}"
-            )
+            raise CohortError(f"{where}: cohort {name!r} has unknown keys {sorted(unknown_keys)}")
         labels = _parse_labels(spec.get("labels") or {}, f"{where}: cohort {name!r}")
         mapped = {o for o in labels.values() if o}
-        mapped = (mapped - {KIDNEY_BY_SIDE}) | (
-            {"right_kidney", "left_kidney"} if KIDNEY_BY_SIDE in mapped else set()
-        )
+        mapped = (mapped - {KIDNEY_BY_SIDE}) | ({"right_kidney", "left_kidney"} if KIDNEY_BY_SIDE in mapped else set())
         annotated = spec.get("annotated")
         if annotated is None:
             annotated = sorted(mapped, key=ORGANS.index)
         else:
             if not isinstance(annotated, (list, tuple)):
-                raise CohortError(
-                    f"{where}: cohort {name!r}: 'annotated' must be a list of organ names"
-                )
+                raise CohortError(f"{where}: cohort {name!r}: 'annotated' must be a list of organ names")
             bad = [o for o in annotated if o not in ORGANS]
             if bad:
                 raise CohortError(
@@ -149,11 +137,7 @@ def load_cohorts(cohorts) -> list[dict]:
             data = os.path.normpath(os.path.join(base, data))
         lut = np.zeros(max(labels, default=0) + 1, dtype=np.int16)
         for k, organ in labels.items():
-            lut[k] = (
-                _SPLIT
-                if organ == KIDNEY_BY_SIDE
-                else (ORGANS.index(organ) + 1 if organ else 0)
-            )
+            lut[k] = _SPLIT if organ == KIDNEY_BY_SIDE else (ORGANS.index(organ) + 1 if organ else 0)
         mask = np.zeros(NUM_CLASSES, dtype=np.float32)
         mask[[ORGANS.index(o) + 1 for o in annotated]] = 1.0
         out.append(
@@ -171,9 +155,7 @@ def load_cohorts(cohorts) -> list[dict]:
 
 def _parse_labels(labels, where: str) -> dict[int, str | None]:
     if not isinstance(labels, dict):
-        raise CohortError(
-            f"{where}: 'labels' must map label ids to organ names, got {labels!r}"
-        )
+        raise CohortError(f"{where}: 'labels' must map label ids to organ names, got {labels!r}")
     out = {}
     for key, organ in labels.items():
         try:
@@ -181,9 +163,7 @@ def _parse_labels(labels, where: str) -> dict[int, str | None]:
         except (TypeError, ValueError):
             raise CohortError(f"{where}: label id {key!r} is not an integer") from None
         if k < 1:
-            raise CohortError(
-                f"{where}: label id {k}: ids start at 1 (0 is background)"
-            )
+            raise CohortError(f"{where}: label id {k}: ids start at 1 (0 is background)")
         if organ is not None and organ != KIDNEY_BY_SIDE and organ not in ORGANS:
             raise CohortError(
                 f"{where}: label {k} maps to unknown organ {organ!r}; known organs: {list(ORGANS)}, "
@@ -199,17 +179,9 @@ def _files(data, where: str, exclude_val: bool, num_val: int) -> list[dict]:
         entries = []
         for i, e in enumerate(data):
             if not isinstance(e, dict) or not e.get("image"):
-                raise CohortError(
-                    f"{where}: data entry {i} needs an 'image', got {e!r}"
-                )
-            entries.append(
-                {k: os.path.abspath(e[k]) for k in ("image", "label") if e.get(k)}
-            )
-    elif (
-        isinstance(data, str)
-        and os.path.isfile(data)
-        and data.endswith((".nii", ".nii.gz"))
-    ):
+                raise CohortError(f"{where}: data entry {i} needs an 'image', got {e!r}")
+            entries.append({k: os.path.abspath(e[k]) for k in ("image", "label") if e.get(k)})
+    elif isinstance(data, str) and os.path.isfile(data) and data.endswith((".nii", ".nii.gz")):
         entries = [{"image": os.path.abspath(data)}]
     elif isinstance(data, str) and os.path.isfile(data) and data.endswith(".json"):
         folder = os.path.dirname(os.path.abspath(data))
@@ -218,41 +190,29 @@ def _files(data, where: str, exclude_val: bool, num_val: int) -> list[dict]:
                 index = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise CohortError(f"{data}: not a readable dataset JSON ({e})") from e
-        if (
-            not isinstance(index, dict)
-            or not isinstance(index.get("training"), list)
-            or not index["training"]
-        ):
-            raise CohortError(
-                f"{data}: needs a non-empty 'training' list of {{'image', 'label'}} entries"
-            )
+        if not isinstance(index, dict) or not isinstance(index.get("training"), list) or not index["training"]:
+            raise CohortError(f"{data}: needs a non-empty 'training' list of {{'image', 'label'}} entries")
+        if "registration_val" in index:  # a Learn2Reg index: read it as its folder
+            return _files(folder, where, exclude_val, num_val)
         entries = [
-            {
-                k: os.path.normpath(os.path.join(folder, e[k]))
-                for k in ("image", "label")
-                if isinstance(e, dict) and e.get(k)
-            }
+            {k: os.path.normpath(os.path.join(folder, e[k])) for k in ("image", "label") if isinstance(e, dict) and e.get(k)}
             for e in index["training"]
         ]
     elif isinstance(data, str) and os.path.isdir(data):
         try:
-            read_index(data)
-            has_index = True
+            _, index = read_index(data)
         except DatasetError:
-            has_index = False
-        if (
-            has_index
-        ):  # MSD or Learn2Reg folder: registration holds out its validation cases
+            index = None
+        if index is not None:
+            # The validation cases of a Learn2Reg folder are never used (its validation must stay
+            # held out from pretraining and from the labels that supervise it); an MSD folder's
+            # last num_val cases only when pairs are drawn for registration pretraining.
+            exclude = exclude_val or "registration_val" in index
             try:
-                return [
-                    {k: c[k] for k in ("image", "label") if k in c}
-                    for c in training_cases(data, num_val, exclude_val)
-                ]
+                return [{k: c[k] for k in ("image", "label") if k in c} for c in training_cases(data, num_val, exclude)]
             except DatasetError as e:
                 raise CohortError(f"{where}: {e}") from e
-        entries = [
-            {"image": p} for p in sorted(glob.glob(os.path.join(data, "*.nii*")))
-        ]
+        entries = [{"image": p} for p in sorted(glob.glob(os.path.join(data, "*.nii*")))]
     else:
         raise CohortError(
             f"{where}: data {data!r} is not a folder, a dataset JSON file or a list of {{'image', 'label'}}"
@@ -266,9 +226,7 @@ def _files(data, where: str, exclude_val: bool, num_val: int) -> list[dict]:
     return entries
 
 
-def cohort_cases(
-    cohort: dict, exclude_val: bool = False, num_val: int = 40
-) -> list[dict]:
+def cohort_cases(cohort: dict, exclude_val: bool = False, num_val: int = 40) -> list[dict]:
     """The cases of one normalised cohort: ``image``, ``label`` if any, ``cohort`` (name), ``lut``
     and ``mask`` (see ``load_cohorts``)."""
     where = f"cohort {cohort['name']!r}"
@@ -277,10 +235,7 @@ def cohort_cases(
         for key in ("image", "label"):
             if key in c:
                 _check_header(c[key], where)
-    return [
-        {**c, "cohort": cohort["name"], "lut": cohort["lut"], "mask": cohort["mask"]}
-        for c in cases
-    ]
+    return [{**c, "cohort": cohort["name"], "lut": cohort["lut"], "mask": cohort["mask"]} for c in cases]
 
 
 def _check_header(path: str, where: str) -> None:
@@ -290,9 +245,7 @@ def _check_header(path: str, where: str) -> None:
     except Exception as e:  # nibabel raises several types for unreadable headers
         raise CohortError(f"{path} ({where}): not a readable NIfTI image ({e})") from e
     if len(shape) != 3:
-        raise CohortError(
-            f"{path} ({where}): expected a 3-D image, got shape {tuple(shape)}"
-        )
+        raise CohortError(f"{path} ({where}): expected a 3-D image, got shape {tuple(shape)}")
 
 
 def check_label_ids(cohort: dict, cases: list[dict]) -> None:
@@ -309,9 +262,7 @@ def check_label_ids(cohort: dict, cases: list[dict]) -> None:
         except Exception as e:  # nibabel raises several types for unreadable files
             raise CohortError(f"{c['label']}: not a readable label map ({e})") from e
         if not np.all(values == np.round(values)) or values.min() < 0:
-            raise CohortError(
-                f"{c['label']}: label values must be non-negative integers, got {values[:10]}"
-            )
+            raise CohortError(f"{c['label']}: label values must be non-negative integers, got {values[:10]}")
         ids = {int(v) for v in values} - {0}
         extra = sorted(ids - declared)
         if extra:
@@ -369,9 +320,7 @@ def _check_same_grid(image: str, label: str) -> None:
         )
 
 
-def registration_cases(
-    cohorts, use_labels: bool = False, num_val: int = 40
-) -> list[dict]:
+def registration_cases(cohorts, use_labels: bool = False, num_val: int = 40) -> list[dict]:
     """Cases for registration pretraining, each tagged with its ``cohort`` so that pairs are drawn
     within a cohort. Learn2Reg / MSD folders hold out their validation cases. Without
     ``use_labels`` label maps are dropped (unsupervised: similarity + regulariser); with it they
@@ -387,17 +336,13 @@ def registration_cases(
             case = {"image": c["image"], "cohort": c["cohort"]}
             if use_labels:
                 if "label" not in c:
-                    raise CohortError(
-                        f"cohort {cohort['name']!r}: {c['image']} has no label map (use_labels is on)"
-                    )
+                    raise CohortError(f"cohort {cohort['name']!r}: {c['image']} has no label map (use_labels is on)")
                 case["label"] = c["label"]
             out.append(case)
     return out
 
 
-def split_kidneys_by_side(
-    kidney: torch.Tensor, affine, body: torch.Tensor | None = None
-) -> torch.Tensor:
+def split_kidneys_by_side(kidney: torch.Tensor, affine, body: torch.Tensor | None = None) -> torch.Tensor:
     """Organ ids for a mask holding both kidneys (bool, spatial shape): right kidney (2) on the
     patient's right of the midline, left kidney (3) on the left. RAS world x (``affine``, MONAI /
     nibabel convention) increases towards the patient's right; the midline is the mean x of
@@ -454,16 +399,12 @@ class MapCohortLabelsd(MapTransform):
                     body = torch.as_tensor(d[self.image_key])[0] > BODY_HU
                 affine = getattr(label, "affine", None)
                 if affine is None:
-                    raise CohortError(
-                        f"{name}: kidney_by_side needs the label map's affine (load it with LoadImaged)"
-                    )
+                    raise CohortError(f"{name}: kidney_by_side needs the label map's affine (load it with LoadImaged)")
                 sides = split_kidneys_by_side(split[0], affine, body)
                 mapped = torch.where(split, sides[None], mapped)
             out = mapped.to(torch.float32)
             if isinstance(label, MetaTensor):
-                out = MetaTensor(
-                    out, meta=label.meta, applied_operations=label.applied_operations
-                )
+                out = MetaTensor(out, meta=label.meta, applied_operations=label.applied_operations)
             d[key] = out
         return d
 
@@ -490,16 +431,12 @@ class KeepGroundTruthd(MapTransform):
         if self.label_key not in d or self.mask_key not in d:
             return d
         gt = torch.as_tensor(d[self.label_key]).round().long()
-        annotated = torch.nonzero(
-            torch.as_tensor(np.asarray(d[self.mask_key])) > 0
-        ).flatten()
+        annotated = torch.nonzero(torch.as_tensor(np.asarray(d[self.mask_key])) > 0).flatten()
         for key in self.key_iterator(d):
             pred = d[key]
             values = torch.as_tensor(pred).round().long()
             if values.shape != gt.shape:
-                raise ValueError(
-                    f"prediction shape {tuple(values.shape)} and label map shape {tuple(gt.shape)} differ"
-                )
+                raise ValueError(f"prediction shape {tuple(values.shape)} and label map shape {tuple(gt.shape)} differ")
             out = torch.where(
                 torch.isin(values, annotated.to(values.device)),
                 torch.zeros_like(values),
@@ -507,9 +444,7 @@ class KeepGroundTruthd(MapTransform):
             )
             out = torch.where(gt > 0, gt.to(out.device), out).to(pred.dtype)
             d[key] = (
-                MetaTensor(
-                    out, meta=pred.meta, applied_operations=pred.applied_operations
-                )
+                MetaTensor(out, meta=pred.meta, applied_operations=pred.applied_operations)
                 if isinstance(pred, MetaTensor)
                 else out
             )
@@ -532,20 +467,12 @@ def output_root(cases: list[dict]) -> str:
     return os.path.commonpath([os.path.dirname(p) for p in images])
 
 
-def pseudo_label_path(
-    image: str, output_dir: str, root: str, postfix: str = "seg"
-) -> str:
+def pseudo_label_path(image: str, output_dir: str, root: str, postfix: str = "seg") -> str:
     """Where seg_inference.json writes the label map of ``image`` (see ``output_root``)."""
     stem = os.path.basename(image)
-    stem = (
-        stem[: -len(".nii.gz")]
-        if stem.endswith(".nii.gz")
-        else os.path.splitext(stem)[0]
-    )
+    stem = stem[: -len(".nii.gz")] if stem.endswith(".nii.gz") else os.path.splitext(stem)[0]
     rel = os.path.relpath(os.path.dirname(os.path.abspath(image)), root)
-    return os.path.normpath(
-        os.path.join(os.path.abspath(output_dir), rel, f"{stem}_{postfix}.nii.gz")
-    )
+    return os.path.normpath(os.path.join(os.path.abspath(output_dir), rel, f"{stem}_{postfix}.nii.gz"))
 
 
 def write_pseudo_label_index(cases: list[dict], output_dir: str, postfix: str = "seg") -> str:
@@ -562,7 +489,11 @@ def write_pseudo_label_index(cases: list[dict], output_dir: str, postfix: str = 
             raise CohortError(f"{label}: the pseudo-label map of {c['image']} was not written")
         entries.append({"image": c["image"], "label": label, "cohort": c["cohort"]})
     organ_ids = {"0": "background", **{str(i + 1): o for i, o in enumerate(ORGANS)}}
-    index = {"description": "pseudo-labels written by configs/seg_inference.json", "labels": organ_ids, "training": entries}
+    index = {
+        "description": "pseudo-labels written by configs/seg_inference.json",
+        "labels": organ_ids,
+        "training": entries,
+    }
     groups: dict[str, list] = {}
     for e in entries:
         groups.setdefault(e["cohort"], []).append({"image": e["image"], "label": e["label"]})

@@ -16,15 +16,13 @@ from scripts.data import RandomPairDataset
 from scripts.losses import PartialLabelDiceLoss
 from scripts.networks import SpatialGradientRegNet
 from scripts.weights import CheckpointError, load_pretrained
-from tests.test_bundle import ROOT
+from tests.test_bundle import ROOT, SAMPLE
 
 CT = ROOT.parent / "shared" / "data" / "abdomen_ct_samples"
 A_CT, A_LAB = CT / "subject_a" / "ct.nii.gz", CT / "subject_a" / "labels_l2r.nii.gz"
 A_IDS = {"1": "spleen", "2": "right_kidney", "3": "left_kidney", "4": "gallbladder", "6": "liver", "7": "stomach",
          "8": "aorta", "9": "ivc", "10": "portal_vein", "11": "pancreas", "12": None, "13": None}  # fmt: skip
-needs_ct = pytest.mark.skipif(
-    not CT.is_dir(), reason="needs ../shared/data/abdomen_ct_samples"
-)
+needs_ct = pytest.mark.skipif(not CT.is_dir(), reason="needs ../shared/data/abdomen_ct_samples")
 ORGAN = {o: i + 1 for i, o in enumerate(C.ORGANS)}
 
 
@@ -59,11 +57,7 @@ def cohort(labels, data=None, **kw):
 def test_bad_cohort_declarations_are_refused(spec, message):
     with pytest.raises(C.CohortError, match=None) as e:
         C.load_cohorts([spec])
-    assert (
-        message in str(e.value) and "'a'" in str(e.value)
-        if "name" in spec
-        else message in str(e.value)
-    )
+    assert message in str(e.value) and "'a'" in str(e.value) if "name" in spec else message in str(e.value)
 
 
 def test_cohort_list_errors(tmp_path):
@@ -100,9 +94,7 @@ def test_lut_mask_and_relative_paths(tmp_path):
         ORGAN["left_kidney"],
     ]
     (ct,) = C.load_cohorts([cohort(C.ABDOMENCTCT_LABELS)])
-    assert (
-        ct["mask"].sum() == 11 and ct["mask"][0] == 0
-    )  # all 11 organs, adrenal glands dropped
+    assert ct["mask"].sum() == 11 and ct["mask"][0] == 0  # all 11 organs, adrenal glands dropped
 
 
 @needs_ct
@@ -122,9 +114,7 @@ def test_label_ids_checked_against_the_data(tmp_path):
         match=rf"{A_LAB}: label ids \[12, 13\] are not in the mapping of cohort 'a'",
     ):
         C.check_label_ids(partial, C.cohort_cases(partial))
-    (missing,) = C.load_cohorts(
-        [cohort(A_IDS, data=[{"image": str(tmp_path / "nope.nii.gz")}])]
-    )
+    (missing,) = C.load_cohorts([cohort(A_IDS, data=[{"image": str(tmp_path / "nope.nii.gz")}])])
     with pytest.raises(C.CohortError, match="nope.nii.gz does not exist"):
         C.cohort_cases(missing)
 
@@ -133,13 +123,9 @@ def test_label_ids_checked_against_the_data(tmp_path):
 def test_mapping_and_kidneys_split_by_side_on_a_real_ct():
     """KiTS labels both kidneys with one id: merge A's two kidney ids into one and split them back
     by side; the right kidney must come back as A's right kidney (RAS: patient's right is +x)."""
-    (both,) = C.load_cohorts(
-        [cohort({**A_IDS, "2": "kidney_by_side", "3": "kidney_by_side"})]
-    )
+    (both,) = C.load_cohorts([cohort({**A_IDS, "2": "kidney_by_side", "3": "kidney_by_side"})])
     (case,) = C.cohort_cases(both)
-    d = EnsureChannelFirstd(["image", "label"])(
-        LoadImaged(["image", "label"], image_only=True)(case)
-    )
+    d = EnsureChannelFirstd(["image", "label"])(LoadImaged(["image", "label"], image_only=True)(case))
     mapped = C.MapCohortLabelsd("label")(d)["label"][0].numpy()
     truth = np.asarray(nib.load(str(A_LAB)).dataobj)
     for organ, file_id in (("right_kidney", 2), ("left_kidney", 3)):
@@ -147,9 +133,7 @@ def test_mapping_and_kidneys_split_by_side_on_a_real_ct():
         assert b.sum() > 1000
         assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.99, organ
     assert ((mapped == ORGAN["liver"]) == (truth == 6)).all()
-    assert not (
-        mapped[(truth == 12) | (truth == 13)]
-    ).any()  # dropped ids become background
+    assert not (mapped[(truth == 12) | (truth == 13)]).any()  # dropped ids become background
     assert set(np.unique(mapped)) <= set(range(C.NUM_CLASSES))
 
 
@@ -166,13 +150,9 @@ def test_organ_a_cohort_does_not_annotate_contributes_nothing():
     value = loss(probs, target, mask)
     value.backward()
     liver = ORGAN["liver"]
-    assert (
-        torch.count_nonzero(probs.grad[0, liver]) == 0
-    )  # not annotated by sample 0's cohort
+    assert torch.count_nonzero(probs.grad[0, liver]) == 0  # not annotated by sample 0's cohort
     assert torch.count_nonzero(probs.grad[0, 0]) == 0  # background is never counted
-    assert (
-        torch.count_nonzero(probs.grad[1, liver]) > 0
-    )  # annotated by sample 1's cohort
+    assert torch.count_nonzero(probs.grad[1, liver]) > 0  # annotated by sample 1's cohort
     assert torch.count_nonzero(probs.grad[0, 1]) > 0
     # Changing sample 0's liver prediction leaves the loss unchanged; sample 1's does not.
     for sample, same in ((0, True), (1, False)):
@@ -180,13 +160,9 @@ def test_organ_a_cohort_does_not_annotate_contributes_nothing():
         changed[sample, liver] = torch.rand(8, 8, 8)
         assert torch.equal(loss(changed, target, mask), value.detach()) == same
     # Equal to the mean of per-(sample, organ) soft Dice over annotated pairs (hand-written).
-    one_hot = (
-        torch.nn.functional.one_hot(target[:, 0], n).permute(0, 4, 1, 2, 3).float()
-    )
+    one_hot = torch.nn.functional.one_hot(target[:, 0], n).permute(0, 4, 1, 2, 3).float()
     p = probs.detach()
-    dice = 1 - (2 * (p * one_hot).sum((2, 3, 4)) + 1e-5) / (
-        p.sum((2, 3, 4)) + one_hot.sum((2, 3, 4)) + 1e-5
-    )
+    dice = 1 - (2 * (p * one_hot).sum((2, 3, 4)) + 1e-5) / (p.sum((2, 3, 4)) + one_hot.sum((2, 3, 4)) + 1e-5)
     assert torch.allclose(value.detach(), dice[mask.bool()].mean(), atol=1e-6)
     with pytest.raises(ValueError, match="no sample of the batch annotates any organ"):
         loss(probs, target, torch.zeros(2, n))
@@ -222,10 +198,7 @@ def test_output_paths_do_not_collide(tmp_path):
 
 # --------------------------------------------------------------------------- pretraining pairs
 def test_pairs_drawn_within_a_cohort():
-    cases = [
-        {"image": torch.full((1, 2, 2, 2), float(i)), "cohort": "ab"[i % 2]}
-        for i in range(6)
-    ]
+    cases = [{"image": torch.full((1, 2, 2, 2), float(i)), "cohort": "ab"[i % 2]} for i in range(6)]
     ds = RandomPairDataset(cases, group_key="cohort").set_random_state(0)
     seen = set()
     for _ in range(20):
@@ -239,17 +212,13 @@ def test_pairs_drawn_within_a_cohort():
             seen.add((m, f))
     assert len(seen) == 12  # every within-cohort pair occurs
     with pytest.raises(ValueError, match=r"\['c'\] have a single case"):
-        RandomPairDataset(
-            [*cases, {"image": cases[0]["image"], "cohort": "c"}], group_key="cohort"
-        )
+        RandomPairDataset([*cases, {"image": cases[0]["image"], "cohort": "c"}], group_key="cohort")
 
 
 # --------------------------------------------------------------------------- fine-tuning weights
 def test_load_pretrained_exact_or_refused(tmp_path):
     def net(**kw):
-        return SpatialGradientRegNet(
-            **{"channels": (4, 8, 16, 32, 64), "deep_supervision": False, **kw}
-        )
+        return SpatialGradientRegNet(**{"channels": (4, 8, 16, 32, 64), "deep_supervision": False, **kw})
 
     source = net()
     plain, resumable, ddp = (
@@ -286,3 +255,21 @@ def test_cohorts_without_annotated_organs_are_not_trained_on():
     assert len(C.segmentation_cases([cohort(A_IDS), to_label])) == 2  # inference labels both
     with pytest.raises(C.CohortError, match="no cohort annotates any organ"):
         C.segmentation_cases([to_label], annotated_only=True)
+
+
+def test_learn2reg_validation_cases_never_used(tmp_path):
+    """Pretraining or pseudo-labels built from a Learn2Reg folder's validation scans would leak into
+    the validation of the fine-tuned model: they are left out for every use, whether the cohort
+    names the folder or its dataset JSON."""
+    index = json.loads((SAMPLE / "HippocampusMR_dataset.json").read_text())
+    for e in index["training"]:
+        e.update({k: str(SAMPLE / e[k]) for k in ("image", "label")})
+    val = index["registration_val"][0]
+    index["registration_val"] = [{k: str(SAMPLE / val[k]) for k in ("fixed", "moving")}]
+    (tmp_path / "HippocampusMR_dataset.json").write_text(json.dumps(index))
+    held_out = {str((SAMPLE / val["fixed"]).resolve()), str((SAMPLE / val["moving"]).resolve())}
+    for data in (str(tmp_path), str(tmp_path / "HippocampusMR_dataset.json")):
+        (c,) = C.load_cohorts([{"name": "l2r", "data": data}])
+        for exclude in (False, True):
+            images = {case["image"] for case in C.cohort_cases(c, exclude_val=exclude)}
+            assert len(images) == 6 and not images & held_out, (data, exclude)

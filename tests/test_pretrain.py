@@ -36,10 +36,7 @@ def test_unsupervised_pretraining_runs(pretrained):
     log = proc.stdout + proc.stderr
     iterations = re.findall(r"Epoch: 1/1, Iter: \d+/(\d+) -- (.*)", log)
     assert iterations and iterations[0][0] == "4"  # 8 images, batch 2
-    assert all(
-        "sim:" in terms and "smooth:" in terms and "dice:" not in terms
-        for _, terms in iterations
-    )
+    assert all("sim:" in terms and "smooth:" in terms and "dice:" not in terms for _, terms in iterations)
     ckpt = torch.load(tmp / "ckpt" / "checkpoint_epoch=1.pt", weights_only=True)
     assert ckpt["trainer"]["iteration"] == 4
     # Preprocessed cases cached on disk (PersistentDataset), one file per image, not in memory.
@@ -50,9 +47,7 @@ def test_pretrain_then_finetune_carries_weights_exactly(pretrained, tmp_path):
     """Fine-tuning with a zero learning rate must end with exactly the pretrained tensors: every
     weight was loaded (none left at its random initialisation) and nothing else changed them."""
     tmp, _ = pretrained
-    source = torch.load(tmp / "ckpt" / "checkpoint_epoch=1.pt", weights_only=True)[
-        "model"
-    ]
+    source = torch.load(tmp / "ckpt" / "checkpoint_epoch=1.pt", weights_only=True)["model"]
     ok(bundle("--dataset_dir", str(SAMPLE), "--ckpt_dir", str(tmp_path), "--pretrained_ckpt", str(tmp / "ckpt" / "checkpoint_epoch=1.pt"),
               *TINY, "--learning_rate", "0", "--batch_size", "2", "--num_workers", "0", "--max_epochs", "1", "--val_interval", "100",
               "--train#cases", "$scripts.learn2reg.training_cases(@dataset_dir, @num_val, exclude_val=False)[:4]", *VAL_ONE))  # fmt: skip
@@ -65,9 +60,7 @@ def test_pretrain_then_finetune_carries_weights_exactly(pretrained, tmp_path):
     ok(bundle("--dataset_dir", str(SAMPLE), "--ckpt_dir", str(tmp_path / "lr"), "--pretrained_ckpt", str(tmp / "ckpt" / "model.pt"),
               *TINY, "--learning_rate", "0.001", "--batch_size", "2", "--num_workers", "0", "--max_epochs", "1", "--val_interval", "100",
               "--train#cases", "$scripts.learn2reg.training_cases(@dataset_dir, @num_val, exclude_val=False)[:4]", *VAL_ONE))  # fmt: skip
-    moved = torch.load(tmp_path / "lr" / "checkpoint_epoch=1.pt", weights_only=True)[
-        "model"
-    ]
+    moved = torch.load(tmp_path / "lr" / "checkpoint_epoch=1.pt", weights_only=True)["model"]
     assert any(not torch.equal(source[k], moved[k]) for k in source)
 
 

@@ -19,9 +19,7 @@ from scripts.weights import load_pretrained
 from tests.test_bundle import bundle, ok
 from tests.test_cohorts import A_CT, A_IDS, A_LAB, CT
 
-pytestmark = pytest.mark.skipif(
-    not CT.is_dir(), reason="needs ../shared/data/abdomen_ct_samples"
-)
+pytestmark = pytest.mark.skipif(not CT.is_dir(), reason="needs ../shared/data/abdomen_ct_samples")
 SMALL = ["--seg_channels", "[4, 8, 16, 32, 64]", "--patch_size", "[48, 48, 48]"]
 ORGAN = {o: i + 1 for i, o in enumerate(ORGANS)}
 A_ANNOTATED = {
@@ -87,10 +85,7 @@ def trained(data):
 
 def test_seg_train_few_steps(trained):
     model, proc = trained
-    losses = [
-        float(x)
-        for x in re.findall(r"Iter: 1/1 -- loss: ([\d.]+)", proc.stdout + proc.stderr)
-    ]
+    losses = [float(x) for x in re.findall(r"Iter: 1/1 -- loss: ([\d.]+)", proc.stdout + proc.stderr)]
     assert len(losses) == 2 and all(0 < v <= 1 for v in losses)
     dice = re.findall(r"Epoch\[(\d)\] Metrics -- val_mean_dice: ([\d.]+)", proc.stdout + proc.stderr)
     assert [e for e, _ in dice] == ["2"] and 0 <= float(dice[0][1]) <= 1
@@ -104,9 +99,7 @@ def test_seg_train_few_steps(trained):
         num_res_units=2,
         norm="instance",
     )
-    load_pretrained(
-        net, str(model)
-    )  # every tensor, right shapes: background + 11 organs
+    load_pretrained(net, str(model))  # every tensor, right shapes: background + 11 organs
     assert all(torch.isfinite(v).all() for v in net.state_dict().values())
 
 
@@ -138,9 +131,7 @@ def test_seg_inference_label_maps_on_each_scans_grid(trained, data, tmp_path):
         gt = np.asarray(nib.load(str(gt_file)).dataobj)
         out = nib.load(entry["label"])
         seg = np.asarray(out.dataobj)
-        assert seg.shape == image.shape and np.allclose(
-            out.affine, image.affine, atol=1e-4
-        )  # the CT's own grid
+        assert seg.shape == image.shape and np.allclose(out.affine, image.affine, atol=1e-4)  # the CT's own grid
         assert set(np.unique(seg)) <= set(range(len(ORGANS) + 1))
         for (
             organ,
@@ -187,8 +178,6 @@ def test_bad_cohorts_stop_before_any_output(data, trained, tmp_path, config, cha
         if config == "seg_train"
         else ["--output_dir", str(out), "--ckpt_path", str(trained[0])]
     )
-    proc = bundle(
-        "--cohorts", str(path), *where, *SMALL, "--max_epochs", "1", configs=(config,)
-    )
+    proc = bundle("--cohorts", str(path), *where, *SMALL, "--max_epochs", "1", configs=(config,))
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert not out.exists()
