@@ -49,7 +49,9 @@ def run(name: str, configs: list[str], args: list[str], work: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (exit {proc.returncode}); see {out / 'train.log'}")
     epochs = [{"epoch": int(e), "val_hd95": float(h), "val_dice": float(d)} for e, h, d in METRICS.findall(text)]
-    return {"command": " ".join(cmd), "minutes": round(seconds / 60, 1), "val_per_epoch": epochs}
+    # recorded relative to the bundle, without this machine's paths
+    command = " ".join(cmd).replace(sys.executable, "python").replace(f"{ROOT}/", "")
+    return {"command": command, "minutes": round(seconds / 60, 1), "val_per_epoch": epochs}
 
 
 def main() -> None:
