@@ -342,17 +342,21 @@ def registration_cases(cohorts, use_labels: bool = False, num_val: int = 40) -> 
     return out
 
 
-def split_kidneys_by_side(kidney: torch.Tensor, affine, body: torch.Tensor | None = None) -> torch.Tensor:
+def split_kidneys_by_side(
+    kidney: torch.Tensor, affine, body: torch.Tensor | None = None, body_affine=None
+) -> torch.Tensor:
     """Organ ids for a mask holding both kidneys (bool, spatial shape): right kidney (2) on the
     patient's right of the midline, left kidney (3) on the left. RAS world x (``affine``, MONAI /
     nibabel convention) increases towards the patient's right; the midline is the mean x of
-    ``body`` voxels (default: the middle of the field of view)."""
+    ``body`` voxels (on the grid of ``body_affine``, default ``affine``; default body: the middle
+    of the field of view)."""
     affine = torch.as_tensor(affine, dtype=torch.float64)
+    body_affine = affine if body_affine is None else torch.as_tensor(body_affine, dtype=torch.float64)
     ijk = torch.nonzero(kidney).to(torch.float64)
     x = ijk @ affine[0, :3] + affine[0, 3]
     if body is not None and body.any():
         b = torch.nonzero(body).to(torch.float64)
-        mid = (b @ affine[0, :3] + affine[0, 3]).mean()
+        mid = (b @ body_affine[0, :3] + body_affine[0, 3]).mean()
     else:
         centre = (torch.tensor(kidney.shape, dtype=torch.float64) - 1) / 2
         mid = centre @ affine[0, :3] + affine[0, 3]
@@ -367,7 +371,9 @@ def split_kidneys_by_side(kidney: torch.Tensor, affine, body: torch.Tensor | Non
 class MapCohortLabelsd(MapTransform):
     """Maps a label map's file ids to organ ids with the case's cohort look-up table (``lut_key``),
     splitting ``kidney_by_side`` ids with ``image_key``'s body midline. Runs on the loaded label
-    (1, H, W, D), before any resampling. An id outside the mapping raises, naming the file."""
+    (1, H, W, D), before any resampling. An id above the largest declared id raises, naming the
+    file; undeclared ids below it are refused earlier by ``check_label_ids`` (``check_labels``,
+    on by default in the configs)."""
 
     def __init__(
         self,
@@ -394,13 +400,14 @@ class MapCohortLabelsd(MapTransform):
             mapped = lut[values]
             split = mapped == _SPLIT
             if split.any():
-                body = None
-                if self.image_key in d:
+                body, body_affine = None, None
+                if self.image_key in d:  # the image's own grid may store the axes in another order
                     body = torch.as_tensor(d[self.image_key])[0] > BODY_HU
+                    body_affine = getattr(d[self.image_key], "affine", None)
                 affine = getattr(label, "affine", None)
                 if affine is None:
                     raise CohortError(f"{name}: kidney_by_side needs the label map's affine (load it with LoadImaged)")
-                sides = split_kidneys_by_side(split[0], affine, body)
+                sides = split_kidneys_by_side(split[0], affine, body, body_affine)
                 mapped = torch.where(split, sides[None], mapped)
             out = mapped.to(torch.float32)
             if isinstance(label, MetaTensor):
