@@ -6,6 +6,7 @@ Usage (from the bundle folder)::
     python -m scripts.weights download --path models/model.pt   # one entry
     python -m scripts.weights download --path models/model.pt --url_override https://mirror/model.pt
     python -m scripts.weights hash models/model.pt              # the sha256 to put in large_files.yml
+    python -m scripts.weights average a.pt b.pt c.pt --out avg.pt   # checkpoint averaging
 
 Every file is streamed to a temporary file next to its destination, its sha256 is checked against
 ``hash_val`` and only then is it renamed to its final name, so a failed, interrupted or tampered
@@ -79,6 +80,62 @@ class CheckpointLoader(_MonaiCheckpointLoader):
             raise CheckpointError(f"{self.load_path}: cannot load this checkpoint: {e}") from e
 
 
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The network weights stored in ``path``: a plain state dict, or the ``model`` entry of a
+    resumable checkpoint; ``module.`` prefixes (DistributedDataParallel) removed. Raises
+    ``CheckpointError`` naming the file if it is missing or holds no state dict."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint of tensors ({e})") from e
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict (expected a mapping of parameter names to tensors)")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def average(*paths: str, out: str) -> str:
+    """Checkpoint averaging: writes to ``out`` the plain state dict whose every tensor is the mean of
+    that tensor over ``paths`` (plain state dicts or resumable checkpoints, e.g. the last epochs of a
+    constant-learning-rate run, as in stochastic weight averaging). All files must hold the same
+    tensors with the same shapes; a file that does not is named in the error and nothing is written.
+    ``out`` is written under a temporary name and renamed when complete. Returns ``out``.
+
+    The networks here have no batch-norm running statistics (instance norm without them), so the
+    averaged weights need no recalibration pass."""
+    if len(paths) < 2:
+        raise CheckpointError("average needs at least two checkpoints")
+    states = [read_state_dict(p) for p in paths]
+    ref = states[0]
+    for p, state in zip(paths[1:], states[1:]):
+        if set(state) != set(ref) or any(state[k].shape != ref[k].shape for k in ref):
+            raise CheckpointError(f"{p}: holds other tensors or shapes than {paths[0]}; only checkpoints of one architecture can be averaged")
+    for k, v in ref.items():
+        if not v.is_floating_point() and any(not torch.equal(s[k], v) for s in states[1:]):
+            raise CheckpointError(f"{k}: a non-float tensor that differs between the checkpoints cannot be averaged")
+    mean = {
+        k: (torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v.clone())
+        for k, v in ref.items()
+    }
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(mean, tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"{out}: mean of {len(paths)} checkpoints")
+    return out
+
+
 def load_pretrained(network: torch.nn.Module, path: str | None) -> torch.nn.Module:
     """Starts ``network`` from the weights in ``path`` (fine-tuning) and returns it; ``path`` empty
     or None returns it untouched.
@@ -95,18 +152,7 @@ def load_pretrained(network: torch.nn.Module, path: str | None) -> torch.nn.Modu
     """
     if not path:
         return network
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: pretrained checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint of tensors ({e})") from e
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: not a state dict (expected a mapping of parameter names to tensors)")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = read_state_dict(path)
     target = network.module if hasattr(network, "module") else network
     own = target.state_dict()
     missing = sorted(set(own) - set(state))
@@ -263,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     import fire
 
     try:
-        fire.Fire({"download": download, "hash": hash_file}, command=argv, serialize=lambda _: None)
-    except WeightsError as e:
+        fire.Fire({"download": download, "hash": hash_file, "average": average}, command=argv, serialize=lambda _: None)
+    except (WeightsError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

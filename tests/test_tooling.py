@@ -202,6 +202,35 @@ def test_cli_download_url_override_hash_and_errors(tmp_path, server, capsys):
     assert proc.stdout.strip() == _sha(data)
 
 
+def test_average_is_the_tensorwise_mean_and_refuses_other_architectures(tmp_path):
+    from scripts.networks import SpatialGradientRegNet
+
+    def net(seed):
+        torch.manual_seed(seed)
+        n = SpatialGradientRegNet(channels=(4, 8), encoder_convs=(1,), decoder_convs=(1,), deep_supervision=False)
+        for p in n.parameters():
+            torch.nn.init.normal_(p)
+        return n
+
+    a, b = net(0), net(1)
+    torch.save(a.state_dict(), tmp_path / "a.pt")
+    # a resumable checkpoint and DDP prefixes are read as load_pretrained reads them
+    torch.save({"model": {"module." + k: v for k, v in b.state_dict().items()}, "optimizer": {}}, tmp_path / "b.pt")
+    out = tmp_path / "avg" / "mean.pt"
+    ok(run("-m", "scripts.weights", "average", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--out", str(out)))
+    mean = weights.load_pretrained(net(2), str(out)).state_dict()
+    for k, v in a.state_dict().items():
+        assert torch.allclose(mean[k], (v + b.state_dict()[k]) / 2, atol=1e-6), k
+    assert not torch.allclose(mean["head.weight"], a.state_dict()["head.weight"])
+
+    other = SpatialGradientRegNet(channels=(4, 16), encoder_convs=(1,), decoder_convs=(1,), deep_supervision=False)
+    torch.save(other.state_dict(), tmp_path / "c.pt")
+    bad = tmp_path / "bad.pt"
+    proc = run("-m", "scripts.weights", "average", str(tmp_path / "a.pt"), str(tmp_path / "c.pt"), "--out", str(bad))
+    assert proc.returncode != 0 and "c.pt" in proc.stderr and "architecture" in proc.stderr
+    assert not bad.exists() and sorted(os.listdir(tmp_path)) == ["a.pt", "avg", "b.pt", "c.pt"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Checkpoint loading: torch.load(weights_only=True) everywhere
 
