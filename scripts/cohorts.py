@@ -29,6 +29,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -51,6 +52,8 @@ __all__ = [
     "load_cohorts",
     "output_root",
     "pseudo_label_path",
+    "run_staged",
+    "staging_dir",
     "registration_cases",
     "segmentation_cases",
     "split_kidneys_by_side",
@@ -482,17 +485,22 @@ def pseudo_label_path(image: str, output_dir: str, root: str, postfix: str = "se
     return os.path.normpath(os.path.join(os.path.abspath(output_dir), rel, f"{stem}_{postfix}.nii.gz"))
 
 
-def write_pseudo_label_index(cases: list[dict], output_dir: str, postfix: str = "seg") -> str:
+def write_pseudo_label_index(cases: list[dict], output_dir: str, postfix: str = "seg", written_dir: str | None = None) -> str:
     """After seg_inference.json: ``<output_dir>/dataset.json`` listing every image with its
     pseudo-label map (organ ids), and ``<output_dir>/cohorts.json``, the same cases grouped by
     their cohort: ``--cohorts <output_dir>/cohorts.json --use_labels True`` pretrains the
     registration network on them with pairs drawn within each cohort. Refuses (naming it) a case
-    whose label map was not written. Returns the path of cohorts.json."""
+    whose label map was not written. Returns the path of cohorts.json.
+
+    ``written_dir``: where the maps and both files are written now, if not ``output_dir`` (a
+    staging folder renamed to ``output_dir`` afterwards, see ``run_staged``); the files list the
+    maps under ``output_dir``."""
+    written_dir = written_dir or output_dir
     entries = []
     root = output_root(cases)
     for c in cases:
         label = pseudo_label_path(c["image"], output_dir, root, postfix)
-        if not os.path.isfile(label):
+        if not os.path.isfile(pseudo_label_path(c["image"], written_dir, root, postfix)):
             raise CohortError(f"{label}: the pseudo-label map of {c['image']} was not written")
         entries.append({"image": c["image"], "label": label, "cohort": c["cohort"]})
     organ_ids = {"0": "background", **{str(i + 1): o for i, o in enumerate(ORGANS)}}
@@ -506,8 +514,37 @@ def write_pseudo_label_index(cases: list[dict], output_dir: str, postfix: str = 
         groups.setdefault(e["cohort"], []).append({"image": e["image"], "label": e["label"]})
     listing = [{"name": name, "data": data} for name, data in groups.items()]
     for name, content in (("dataset.json", index), ("cohorts.json", listing)):
-        path = os.path.join(output_dir, name)
+        path = os.path.join(written_dir, name)
         with open(path + ".tmp", "w") as f:
             json.dump(content, f, indent=1)
         os.replace(path + ".tmp", path)
-    return path
+    return os.path.join(output_dir, "cohorts.json")
+
+
+def staging_dir(output_dir: str) -> str:
+    """The folder seg_inference.json writes into, renamed to ``output_dir`` by ``run_staged`` once
+    every case is done: ``<parent>/.<name>.partial``. Refuses (naming it) an ``output_dir`` that is
+    a file or a non-empty folder, so nothing is overwritten; creates nothing."""
+    path = os.path.abspath(output_dir)
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise CohortError(f"output folder {output_dir} already exists and is not empty; choose another --output_dir")
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
+
+
+def run_staged(evaluator, cases: list[dict], output_dir: str, staging: str, postfix: str = "seg") -> str:
+    """Runs ``evaluator`` (whose writer saves into ``staging``), writes the index files, then renames
+    ``staging`` to ``output_dir``. On any failure ``staging`` is removed: no partial set of label
+    maps is ever left under ``output_dir``. A ``staging`` left by a killed run is cleared first.
+    Returns the path of ``<output_dir>/cohorts.json``."""
+    staging_dir(output_dir)  # still absent or empty
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        evaluator.run()
+        index = write_pseudo_label_index(cases, output_dir, postfix, written_dir=staging)
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)  # empty (checked above)
+        os.rename(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return index

@@ -4,6 +4,7 @@ cohort does not annotate contributes nothing), ground truth kept in pseudo-label
 within a cohort, and fine-tuning weights refused from another architecture."""
 
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -194,6 +195,42 @@ def test_output_paths_do_not_collide(tmp_path):
     }
     with pytest.raises(C.CohortError, match="listed 2 times"):
         C.output_root(cases + cases[:1])
+
+
+def test_a_failed_seg_inference_leaves_no_label_maps(tmp_path):
+    """run_staged: an ignite run that writes the first case's map and fails on the second leaves
+    neither the staging folder nor the output folder; the success path renames one into the other."""
+    from ignite.engine import Engine
+
+    cases = [{"image": f"/d/case_{i}/imaging.nii.gz", "cohort": "k"} for i in range(2)]
+    root = C.output_root(cases)
+    out = tmp_path / "pseudo"
+    staging = C.staging_dir(str(out))
+
+    def step(engine, case):
+        if engine.state.iteration == 2 and engine.state.fail:
+            raise RuntimeError("out of memory on case 2")
+        path = C.pseudo_label_path(case["image"], staging, root)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "wb").close()
+
+    def engine(fail):
+        e = Engine(step)
+        e.state.fail = fail
+        e.run = lambda run=e.run: run(cases, max_epochs=1)
+        return e
+
+    with pytest.raises(RuntimeError, match="case 2"):
+        C.run_staged(engine(True), cases, str(out), staging)
+    assert not os.path.exists(staging) and not out.exists()
+
+    index = C.run_staged(engine(False), cases, str(out), staging)
+    assert index == str(out / "cohorts.json") and not os.path.exists(staging)
+    listed = json.loads((out / "dataset.json").read_text())["training"]
+    assert [e["label"] for e in listed] == [str(out / f"case_{i}" / "imaging_seg.nii.gz") for i in range(2)]
+    assert all(os.path.isfile(e["label"]) for e in listed)
+    with pytest.raises(C.CohortError, match="already exists and is not empty"):
+        C.staging_dir(str(out))
 
 
 # --------------------------------------------------------------------------- pretraining pairs

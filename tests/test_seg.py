@@ -143,6 +143,14 @@ def test_seg_inference_label_maps_on_each_scans_grid(trained, data, tmp_path):
             )
         annotated_ids = [ORGAN[o] for o in annotated]
         assert np.isin(seg[gt == 0], annotated_ids).sum() == 0
+    assert not list(tmp_path.parent.glob(f".{tmp_path.name}.partial*"))  # the staging folder became tmp_path
+
+    # A second run into the same, now non-empty, folder is refused before any work; nothing changes.
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    proc = bundle("--cohorts", str(data / "cohorts.json"), "--ckpt_path", str(model), "--output_dir", str(tmp_path), *SMALL,
+                  configs=("seg_inference",))  # fmt: skip
+    assert proc.returncode != 0 and f"output folder {tmp_path} already exists and is not empty" in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
 
 def _unknown_organ(c):
