@@ -52,11 +52,11 @@ __all__ = [
     "load_cohorts",
     "output_root",
     "pseudo_label_path",
-    "run_staged",
-    "staging_dir",
     "registration_cases",
+    "run_staged",
     "segmentation_cases",
     "split_kidneys_by_side",
+    "staging_dir",
     "write_pseudo_label_index",
 ]  # fmt: skip
 
