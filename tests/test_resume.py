@@ -93,8 +93,11 @@ def _run_and_kill_in_epoch_2(tmp: Path, seed: int) -> str:
 def test_same_seed_same_weights_and_sigkill_resume_is_exact(tmp_path):
     seed = 7
     first = _train(tmp_path / "first", seed)
-    second = _train(tmp_path / "second", seed)
+    second = _train(tmp_path / "second", seed, "--keep_checkpoints", "3")
     _assert_identical(first, second, "two uninterrupted runs with the same seed")
+    kept = lambda run: sorted(p.name for p in (tmp_path / run / "ckpt").glob("checkpoint_epoch=*.pt"))  # noqa: E731
+    assert kept("first") == [f"checkpoint_epoch={EPOCHS}.pt"]
+    assert kept("second") == [f"checkpoint_epoch={e}.pt" for e in range(1, EPOCHS + 1)]  # --keep_checkpoints 3
 
     killed = tmp_path / "killed"
     log = _run_and_kill_in_epoch_2(killed, seed)
