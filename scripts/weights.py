@@ -1,4 +1,4 @@
-"""Fetch and verify the bundle's weight files listed in ``large_files.yml``.
+"""Fetch and verify the bundle's weight files listed in ``large_files.yml``; average checkpoints.
 
 Usage (from the bundle folder)::
 

@@ -207,24 +207,26 @@ def test_a_failed_seg_inference_leaves_no_label_maps(tmp_path):
     out = tmp_path / "pseudo"
     staging = C.staging_dir(str(out))
 
-    def step(engine, case):
-        if engine.state.iteration == 2 and engine.state.fail:
-            raise RuntimeError("out of memory on case 2")
-        path = C.pseudo_label_path(case["image"], staging, root)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        open(path, "wb").close()
+    class Inference:  # an ignite run over the cases, as seg_inference.json's evaluator.run()
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
 
-    def engine(fail):
-        e = Engine(step)
-        e.state.fail = fail
-        e.run = lambda run=e.run: run(cases, max_epochs=1)
-        return e
+        def step(self, engine, case):
+            if self.fail and engine.state.iteration == 2:
+                raise RuntimeError("out of memory on case 2")
+            path = C.pseudo_label_path(case["image"], staging, root)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "wb").close()
+
+        def run(self):
+            Engine(self.step).run(cases, max_epochs=1)
+
 
     with pytest.raises(RuntimeError, match="case 2"):
-        C.run_staged(engine(True), cases, str(out), staging)
+        C.run_staged(Inference(True), cases, str(out), staging)
     assert not os.path.exists(staging) and not out.exists()
 
-    index = C.run_staged(engine(False), cases, str(out), staging)
+    index = C.run_staged(Inference(False), cases, str(out), staging)
     assert index == str(out / "cohorts.json") and not os.path.exists(staging)
     listed = json.loads((out / "dataset.json").read_text())["training"]
     assert [e["label"] for e in listed] == [str(out / f"case_{i}" / "imaging_seg.nii.gz") for i in range(2)]
