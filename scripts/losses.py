@@ -73,7 +73,9 @@ class SymmetricRegistrationLoss(nn.Module):
     - L_dice: soft Dice (background excluded, squared denominators, smoothing 1) between the source
       one-hot labels warped trilinearly by the final output and the target labels. Skipped when the
       batch has no labels (unsupervised pretraining).
-    - L_smooth: mean |g - 1| of the final output (the authors' L1 between sigmoid and 0.5, times 2).
+    - L_smooth: the authors' L1 distance between the head's sigmoid output and 0.5 (zero deformation),
+      mean |sigmoid - 0.5| = mean |g - 1| / 2 of the final output, so ``gamma`` is the paper's weight
+      (0.1 for hippocampus MRI, 0.01 for abdominal CT).
 
     Args:
         similarity: "mse" or "lncc". lncc_kernel_size: box window of the local NCC.
@@ -105,7 +107,8 @@ class SymmetricRegistrationLoss(nn.Module):
         """grad (B, S, 3, H, W, D); images (B, C, H, W, D); labels (B, 1, H, W, D) integer or None."""
         ddf = gradient_to_ddf(grad)
         sims = [self.similarity(warp_image(src_img, ddf[:, s]), dst_img) for s in range(grad.shape[1])]
-        terms = {"sim": torch.stack(sims).mean(), "smooth": (grad[:, 0] - 1).abs().mean()}
+        # g = 2 * sigmoid, so |sigmoid - 0.5| = |g - 1| / 2
+        terms = {"sim": torch.stack(sims).mean(), "smooth": (grad[:, 0] - 1).abs().mean() / 2}
         if src_lab is not None and dst_lab is not None:
             warped = warp_labels_onehot(one_hot(src_lab.long(), self.num_labels), ddf[:, 0])
             terms["dice"] = self.dice(warped, one_hot(dst_lab.long(), self.num_labels))

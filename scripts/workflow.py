@@ -10,6 +10,7 @@ fire ``IterationEvents``; MONAI decollates the batch and runs ``postprocessing``
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -23,7 +24,7 @@ from monai.utils import set_determinism
 
 from scripts.deformation import warp_image, warp_labels_nearest
 
-__all__ = ["EpochSeed", "RegistrationEvalStep", "RegistrationTrainStep", "SegmentationTrainStep", "pair_to_device"]
+__all__ = ["EpochSeed", "RegistrationEvalStep", "RegistrationTrainStep", "SegmentationTrainStep", "lr_lambda", "pair_to_device"]
 
 PAIR_KEYS = ("moving_image", "fixed_image", "moving_label", "fixed_label")
 
@@ -142,6 +143,29 @@ class SegmentationTrainStep:
         engine.state.output = {"loss": loss.item()}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+def lr_lambda(schedule: str, max_epochs: int, final_ratio: float = 0.01):
+    """The learning-rate factor per epoch for ``torch.optim.lr_scheduler.LambdaLR`` (stepped once per
+    epoch by MONAI's ``LrScheduleHandler``): epoch e (0-based) trains at ``learning_rate * f(e)``.
+
+    - ``"constant"``: f = 1.
+    - ``"cosine"``: from 1 at the first epoch down to ``final_ratio`` at epoch ``max_epochs``, along a
+      half cosine.
+
+    A plain function, not a callable object, so ``LambdaLR.state_dict`` does not store it: a run
+    resumed with another ``--max_epochs`` follows the new schedule from the epoch it resumes at.
+    """
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}")
+    last, ratio = max(int(max_epochs) - 1, 1), float(final_ratio)
+
+    def factor(epoch: int) -> float:
+        if schedule == "constant":
+            return 1.0
+        return ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * min(epoch, last) / last))
+
+    return factor
 
 
 class EpochSeed:

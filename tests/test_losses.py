@@ -145,8 +145,8 @@ def test_terms_are_positive_for_a_different_pair(similarity):
     assert terms["loss"].item() == pytest.approx(
         2.0 * terms["sim"].item() + 3.0 * terms["dice"].item() + 0.5 * terms["smooth"].item(), rel=1e-5
     )
-    # smooth is |g - 1| of the final output only, summed over the two directions
-    expected = sum((pred[k][:, 0] - 1).abs().mean() for k in pred)
+    # smooth is the authors' |sigmoid - 0.5| of the final output only, summed over the two directions
+    expected = sum((pred[k][:, 0] / 2 - 0.5).abs().mean() for k in pred)
     assert terms["smooth"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -187,7 +187,7 @@ def test_similarity_is_averaged_over_deep_supervision_outputs():
     assert together.item() == pytest.approx(torch.stack(each).mean().item(), rel=1e-5)
     # smoothness uses the final output only
     assert loss.terms({"grad_mf": g}, batch)["smooth"].item() == pytest.approx(
-        (g[:, 0] - 1).abs().mean().item(), rel=1e-5
+        (g[:, 0] / 2 - 0.5).abs().mean().item(), rel=1e-5
     )
 
 
@@ -244,3 +244,14 @@ def test_known_smooth_deformation_is_recovered(similarity):
     err = np.abs(ddf[inner] - u_true[inner]).mean()
     assert before > 0.6
     assert err < 0.3, f"mean abs error {err:.3f} voxel (identity: {before:.3f})"
+
+
+def test_smoothness_is_the_authors_l1_between_sigmoid_and_half():
+    """gamma weighs mean |sigmoid - 0.5| (the authors' term), not mean |g - 1| (twice as large)."""
+    g = torch.ones(1, 5, 3, *SIZE)
+    g[:, 0, 0] = 1.5  # sigmoid 0.75 on a third of the final output's values
+    g[:, 1:] = 0.2  # deep-supervision heads: not regularised
+    loss = SymmetricRegistrationLoss(similarity="mse", gamma=0.1)
+    terms = loss.terms({"grad_mf": g}, _batch(batch=1, labels=False))
+    assert terms["smooth"].item() == pytest.approx(0.25 / 3, rel=1e-6)
+    assert terms["loss"].item() == pytest.approx(terms["sim"].item() + 0.1 * 0.25 / 3, rel=1e-6)
