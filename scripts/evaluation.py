@@ -17,7 +17,8 @@ import nibabel as nib
 import numpy as np
 
 from scripts import learn2reg
-from scripts.learn2reg import atomic_path, disp_name
+from scripts.files import atomic_path, save_nifti
+from scripts.learn2reg import disp_name
 from scripts.metrics import evaluate_pair, summarize
 
 __all__ = ["evaluate_folder", "format_summary", "identity_baseline"]
@@ -164,7 +165,7 @@ def identity_baseline(dataset_dir: str, output_dir: str, pairs_selection: str = 
     for pair in pairs:
         fixed = nib.load(pair["fixed_image"])
         zero = np.zeros(tuple(fixed.shape[:3]) + (3,), np.float32)
-        learn2reg.save_nifti(zero, fixed.affine, os.path.join(output_dir, disp_name(pair["fixed_id"], pair["moving_id"])))
+        save_nifti(zero, fixed.affine, os.path.join(output_dir, disp_name(pair["fixed_id"], pair["moving_id"])))
     return evaluate_folder(pairs, output_dir, output_dir)
 
 

@@ -11,10 +11,11 @@ import torch
 from ignite.engine import Engine, Events
 from matplotlib.figure import Figure
 
-from scripts.learn2reg import atomic_path, disp_name, save_nifti
+from scripts.files import atomic_path, check_output_dir, save_nifti
+from scripts.learn2reg import disp_name
 from scripts.visualize import pair_figure
 
-__all__ = ["TensorBoardPairImages", "RegistrationWriter", "figure_to_rgb", "check_output_dir"]
+__all__ = ["TensorBoardPairImages", "RegistrationWriter", "figure_to_rgb"]
 
 
 def _numpy(item: dict) -> dict:
@@ -26,21 +27,6 @@ def figure_to_rgb(fig: Figure) -> np.ndarray:
     """Renders a matplotlib figure to an (H, W, 3) uint8 array."""
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-
-
-def check_output_dir(output_dir: str) -> str:
-    """Refuses an output folder that cannot be created or written into, naming it, before any work
-    is done; creates nothing. Returns ``output_dir``."""
-    path = os.path.abspath(output_dir)
-    existing = path
-    while not os.path.exists(existing):  # also False below a regular file (ENOTDIR)
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        what = "is a file" if existing == path else f"cannot be created: {existing} is a file"
-        raise NotADirectoryError(f"output folder {output_dir} {what}, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"output folder {output_dir}: {existing} is not writable")
-    return output_dir
 
 
 class TensorBoardPairImages:

@@ -19,12 +19,10 @@ import glob
 import json
 import os
 import re
-import tempfile
 
 import nibabel as nib
-import numpy as np
 
-__all__ = ["DatasetError", "read_index", "training_cases", "pairs", "case_id", "disp_name", "save_nifti", "atomic_path"]
+__all__ = ["DatasetError", "read_index", "training_cases", "pairs", "case_id", "disp_name"]
 
 
 class DatasetError(ValueError):
@@ -210,30 +208,3 @@ def _read_pair_file(path: str) -> list:
     if rows and not {"fixed", "moving"} <= set(rows[0]):
         raise DatasetError(f"{path}: the CSV header must name the columns 'fixed' and 'moving'")
     return rows
-
-
-class atomic_path:
-    """Context manager giving a temporary path next to ``path``, renamed to ``path`` on success and
-    removed on failure, so no half-written output is ever left under the final name."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        folder, name = os.path.split(os.path.abspath(path))
-        # Keep the extension (.nii.gz, .png): writers pick the format from it.
-        fd, self.tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + name, dir=folder)
-        os.close(fd)
-
-    def __enter__(self) -> str:
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.remove(self.tmp)
-
-
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
-    """Writes ``array`` (raw array axes, no reorientation) with ``affine`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        nib.save(nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64)), tmp)

@@ -6,10 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from scripts.learn2reg import DatasetError, atomic_path, case_id, disp_name, pairs, save_nifti, training_cases
+from scripts.learn2reg import DatasetError, case_id, disp_name, pairs, training_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data" / "HippocampusMR"
@@ -107,14 +106,3 @@ def test_bad_dataset_folders(tmp_path):
     content["registration_val"] = []
     index.write_text(json.dumps(content))
     assert [sorted(c) for c in training_cases(str(data))] == [["id", "image"]] * 2
-
-
-def test_atomic_writes_leave_nothing_half_written(tmp_path):
-    target = tmp_path / "out.nii.gz"
-    save_nifti(np.zeros((4, 4, 4, 3), np.float32), np.eye(4), str(target))
-    assert target.exists() and [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
-    with pytest.raises(RuntimeError):
-        with atomic_path(str(tmp_path / "other.png")) as tmp:
-            Path(tmp).write_text("partial")
-            raise RuntimeError("writer failed")
-    assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
