@@ -37,7 +37,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from scripts.learn2reg import DatasetError, read_index, training_cases
+from scripts.files import atomic_path, check_output_dir, publish_dir, staging_path
+from scripts.learn2reg import DatasetError, nifti_header, read_index, read_index_file, training_cases
 
 __all__ = [
     "ABDOMENCTCT_LABELS",
@@ -188,13 +189,7 @@ def _files(data, where: str, exclude_val: bool, num_val: int) -> list[dict]:
         entries = [{"image": os.path.abspath(data)}]
     elif isinstance(data, str) and os.path.isfile(data) and data.endswith(".json"):
         folder = os.path.dirname(os.path.abspath(data))
-        try:
-            with open(data) as f:
-                index = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise CohortError(f"{data}: not a readable dataset JSON ({e})") from e
-        if not isinstance(index, dict) or not isinstance(index.get("training"), list) or not index["training"]:
-            raise CohortError(f"{data}: needs a non-empty 'training' list of {{'image', 'label'}} entries")
+        index = read_index_file(data, CohortError)
         if "registration_val" in index:  # a Learn2Reg index: read it as its folder
             return _files(folder, where, exclude_val, num_val)
         entries = [
@@ -242,13 +237,7 @@ def cohort_cases(cohort: dict, exclude_val: bool = False, num_val: int = 40) -> 
 
 
 def _check_header(path: str, where: str) -> None:
-    """A 3-D NIfTI file, from its header only (cheap), so a bad file stops a run before any output."""
-    try:
-        shape = nib.load(path).shape
-    except Exception as e:  # nibabel raises several types for unreadable headers
-        raise CohortError(f"{path} ({where}): not a readable NIfTI image ({e})") from e
-    if len(shape) != 3:
-        raise CohortError(f"{path} ({where}): expected a 3-D image, got shape {tuple(shape)}")
+    nifti_header(path, CohortError, where)
 
 
 def check_label_ids(cohort: dict, cases: list[dict]) -> None:
@@ -514,36 +503,32 @@ def write_pseudo_label_index(cases: list[dict], output_dir: str, postfix: str = 
         groups.setdefault(e["cohort"], []).append({"image": e["image"], "label": e["label"]})
     listing = [{"name": name, "data": data} for name, data in groups.items()]
     for name, content in (("dataset.json", index), ("cohorts.json", listing)):
-        path = os.path.join(written_dir, name)
-        with open(path + ".tmp", "w") as f:
+        with atomic_path(os.path.join(written_dir, name)) as tmp, open(tmp, "w") as f:
             json.dump(content, f, indent=1)
-        os.replace(path + ".tmp", path)
     return os.path.join(output_dir, "cohorts.json")
 
 
 def staging_dir(output_dir: str) -> str:
-    """The folder seg_inference.json writes into, renamed to ``output_dir`` by ``run_staged`` once
-    every case is done: ``<parent>/.<name>.partial``. Refuses (naming it) an ``output_dir`` that is
-    a file or a non-empty folder, so nothing is overwritten; creates nothing."""
-    path = os.path.abspath(output_dir)
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise CohortError(f"output folder {output_dir} already exists and is not empty; choose another --output_dir")
-    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
+    """The folder seg_inference.json writes into (``scripts.files.staging_path``: a temporary folder
+    next to ``output_dir``), published to ``output_dir`` by ``run_staged`` once every case is done.
+    Refuses (naming it) an ``output_dir`` that is a file or a non-empty folder, so nothing is
+    overwritten; creates nothing, and removes the staging folders of killed runs."""
+    try:
+        check_output_dir(output_dir, overwrite=False)
+    except (FileExistsError, NotADirectoryError, PermissionError) as e:
+        raise CohortError(f"{e}; choose another --output_dir") from e
+    return staging_path(output_dir)
 
 
 def run_staged(evaluator, cases: list[dict], output_dir: str, staging: str, postfix: str = "seg") -> str:
-    """Runs ``evaluator`` (whose writer saves into ``staging``), writes the index files, then renames
-    ``staging`` to ``output_dir``. On any failure ``staging`` is removed: no partial set of label
-    maps is ever left under ``output_dir``. A ``staging`` left by a killed run is cleared first.
-    Returns the path of ``<output_dir>/cohorts.json``."""
-    staging_dir(output_dir)  # still absent or empty
-    shutil.rmtree(staging, ignore_errors=True)
+    """Runs ``evaluator`` (whose writer saves into ``staging``), writes the index files, then moves
+    ``staging`` to ``output_dir`` (``scripts.files.publish_dir``). On any failure ``staging`` is
+    removed: no partial set of label maps is ever left under ``output_dir``. Returns the path of
+    ``<output_dir>/cohorts.json``."""
     try:
         evaluator.run()
         index = write_pseudo_label_index(cases, output_dir, postfix, written_dir=staging)
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)  # empty (checked above)
-        os.rename(staging, output_dir)
+        publish_dir(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -32,13 +32,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
+
+from scripts.files import check_output_dir, staged_dir
+from scripts.learn2reg import nifti_header
 
 __all__ = ["ConversionError", "msd_to_learn2reg"]
 
@@ -95,16 +96,7 @@ def _parse_size(size) -> tuple[int, int, int]:
 
 
 def _check_header(path: str) -> nib.Nifti1Image:
-    if not os.path.isfile(path):
-        raise ConversionError(f"{path}: file does not exist")
-    try:
-        img = nib.load(path)
-        shape = img.shape
-    except Exception as e:  # nibabel raises several types for unreadable files
-        raise ConversionError(f"{path}: not a readable NIfTI image ({e})") from e
-    if len(shape) != 3:
-        raise ConversionError(f"{path}: expected a 3D image, got shape {tuple(shape)}")
-    return img
+    return nifti_header(path, ConversionError)
 
 
 def _validate(msd_dir: str, wanted: set[int] | None) -> tuple[dict, list[dict]]:
@@ -224,8 +216,10 @@ def msd_to_learn2reg(
     size = _parse_size(size)
     wanted = _parse_ids(ids)
     msd_dir, out_dir = os.path.abspath(str(msd_dir)), os.path.abspath(str(out_dir))
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise ConversionError(f"{out_dir}: output folder already exists and is not empty; refusing to overwrite")
+    try:
+        check_output_dir(out_dir, overwrite=False)  # before reading anything
+    except (FileExistsError, NotADirectoryError, PermissionError) as e:
+        raise ConversionError(str(e)) from e
 
     index, cases = _validate(msd_dir, wanted)
     if isinstance(num_val, bool) or not isinstance(num_val, (int, np.integer)):
@@ -257,10 +251,11 @@ def msd_to_learn2reg(
     modality = index.get("modality") if isinstance(index.get("modality"), dict) else {"0": "MRI"}
     names = {c["number"]: f"{task}_{c['number']:04d}_0000.nii.gz" for c in cases}
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
     try:
+        staging = staged_dir(out_dir)
+    except (FileExistsError, NotADirectoryError, PermissionError) as e:
+        raise ConversionError(str(e)) from e
+    with staging as tmp:
         for folder in ("imagesTr", "labelsTr"):
             os.mkdir(os.path.join(tmp, folder))
         for case in cases:
@@ -304,18 +299,6 @@ def msd_to_learn2reg(
         with open(os.path.join(tmp, f"{task}_dataset.json"), "w") as f:
             json.dump(dataset, f, indent=4)
             f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates it private; give it a normal folder's mode
-        if os.path.isdir(out_dir) and not os.listdir(out_dir):
-            os.rmdir(out_dir)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError as e:
-            raise ConversionError(f"{out_dir}: could not move the converted data into place ({e})") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -20,26 +20,46 @@ LPS millimetres, fixed point + displacement = moving point; loads as a transform
 with both label maps, ``metrics.json`` (Dice per organ present in both scans, with and without the
 deformable step).
 
-A DICOM folder must hold one series. Every input is read and checked before anything is written,
-and each output folder is written under a temporary name and renamed when complete.
+A DICOM folder must hold one series of evenly spaced slices. The output folder is checked first,
+then every input is read and checked, and the size of the grid and the memory it needs, before
+anything is resampled or written; each output folder is written into a staging folder next to it
+and published whole (``scripts.files.staged_dir``), with the umask's permissions.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import math
+import numbers
 import os
-import shutil
 import sys
-import tempfile
+from functools import partial
 
 import itk
 import nibabel as nib
 import numpy as np
 
+from scripts.files import check_output_dir, staged_dir
 from scripts.learn2reg import DatasetError, disp_name
+from scripts.metrics import dice_per_label
 
-__all__ = ["read_image", "read_label", "common_grid", "prealign_transform", "prepare", "restore"]
+__all__ = [
+    "available_memory",
+    "check_grid_args",
+    "check_hounsfield",
+    "common_grid",
+    "prealign_transform",
+    "prepare",
+    "read_image",
+    "read_label",
+    "restore",
+    "write_image",
+    "write_json",
+    "write_output",
+    "write_transform",
+]
 
 TASK = "CTPair"
 FIXED_ID, MOVING_ID = "0001", "0002"
@@ -49,13 +69,49 @@ _AXIS = {"R": (-1, 0, 0), "L": (1, 0, 0), "A": (0, -1, 0), "P": (0, 1, 0), "I": 
 
 PREALIGN_KINDS = ("none", "center", "translation", "affine")
 
-Image = itk.Image[itk.F, 3]
-LabelImage = itk.Image[itk.SS, 3]
+# Air is about -1000 HU and every abdominal CT holds some (outside the body, in the bowel): a scan with
+# no voxel below this has not been rescaled (DICOM RescaleSlope/Intercept, NIfTI scl_slope/scl_inter).
+HU_MAX_MINIMUM = -500.0
+# The network halves the grid 4 times; at 10 mm a 40 cm abdomen is 40 voxels, 2.5 at the coarsest level.
+MAX_SPACING_MM = 10.0
+# 8.5 times the AbdomenCTCT grid (192 x 160 x 256 = 7.9 M voxels), e.g. 406^3 voxels: full-volume CPU
+# inference took 5.3 GB on the AbdomenCTCT grid (docs/README.md), and its memory grows with the voxels.
+MAX_GRID_VOXELS = 2**26
+# The pair as the CT overlay's network reads it: 2 images x 3 CT windows x float32. More than
+# prepare itself holds per voxel (two float32 images, two int16 label maps).
+PAIR_BYTES_PER_VOXEL = 2 * 3 * 4
+# Slices further from the series' median spacing than this fraction: a missing slice is 100 % off;
+# positions stored to 0.01 mm stay within it down to 0.2 mm slices.
+SLICE_SPACING_TOLERANCE = 0.1
 
 
 # --------------------------------------------------------------------------- reading and checks
+def _last_line(error: Exception) -> str:
+    """ITK's messages are long C++ traces: their last line says what went wrong."""
+    lines = str(error).strip().splitlines()
+    return lines[-1].strip() if lines else type(error).__name__
+
+
 def _matrix(image) -> np.ndarray:
     return np.array(itk.array_from_matrix(image.GetDirection()), dtype=float)
+
+
+def check_hounsfield(values, name: str, max_minimum: float = HU_MAX_MINIMUM) -> None:
+    """Refuses, naming ``name``, intensities that are not Hounsfield units: no voxel below
+    ``max_minimum`` (air, about -1000 HU, is in every abdominal CT). The one check used by
+    ``read_image`` and by the bundle's ``scripts.transforms.CheckHounsfieldd``.
+
+    Args:
+        values: the image, any shape, in HU: a numpy array, an ITK array view or a torch tensor.
+        name: the file, for the message.
+        max_minimum: HU; an image whose minimum is above it is refused.
+    """
+    low, high = float(values.min()), float(values.max())
+    if low > max_minimum:
+        raise DatasetError(
+            f"{name}: values {low:g}..{high:g} do not look like Hounsfield units (no voxel below {max_minimum:g}; "
+            "air is about -1000 HU): apply the rescale slope/intercept first"
+        )
 
 
 def _dicom_files(folder: str) -> list[str]:
@@ -73,6 +129,36 @@ def _dicom_files(folder: str) -> list[str]:
     return list(names.GetFileNames(uids[0]))
 
 
+def _check_slice_positions(folder: str, files: list[str]) -> None:
+    """Refuses a series whose slices are not evenly spaced along their normal: two files at one
+    position, or a gap (a missing slice). ITK stacks them anyway with one spacing, warning only on
+    stderr, and every slice after the gap lands at the wrong place."""
+    positions = []
+    for path in files:
+        io = itk.GDCMImageIO.New()
+        io.SetFileName(path)
+        io.ReadImageInformation()  # the header only
+        if not positions:
+            normal = np.cross(io.GetDirection(0), io.GetDirection(1))  # ImageOrientationPatient rows x columns
+        positions.append(float(np.dot([io.GetOrigin(i) for i in range(3)], normal)))  # ImagePositionPatient, mm
+    order = np.argsort(positions)
+    pos = np.array(positions)[order]
+    names = [os.path.basename(files[i]) for i in order]
+    steps = np.diff(pos)
+    for i in np.flatnonzero(steps < 1e-3):  # DICOM positions are stored to about 1e-3 mm or finer
+        raise DatasetError(
+            f"{folder}: {names[i]} and {names[i + 1]} are slices at the same position ({pos[i]:g} mm along the "
+            "slice normal): remove the duplicate"
+        )
+    step = float(np.median(steps))
+    for i in np.flatnonzero(np.abs(steps - step) > SLICE_SPACING_TOLERANCE * step):
+        kind = "a slice is missing" if steps[i] > step else "uneven slice spacing"
+        raise DatasetError(
+            f"{folder}: slice positions {pos[i]:g} and {pos[i + 1]:g} mm along the slice normal ({names[i]}, "
+            f"{names[i + 1]}) are {steps[i]:g} mm apart where the series' spacing is {step:g} mm: {kind}"
+        )
+
+
 def _check_dimension(path: str) -> None:
     io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
     if io is None:
@@ -81,7 +167,7 @@ def _check_dimension(path: str) -> None:
     try:
         io.ReadImageInformation()
     except RuntimeError as e:
-        raise DatasetError(f"{path}: cannot read the image header: {str(e).strip().splitlines()[-1]}") from e
+        raise DatasetError(f"{path}: cannot read the image header: {_last_line(e)}") from e
     dims = [io.GetDimensions(i) for i in range(io.GetNumberOfDimensions())]
     if len(dims) != 3 or io.GetNumberOfComponents() != 1:
         kind = f"{len(dims)}-D" if len(dims) != 3 else f"{io.GetNumberOfComponents()}-component"
@@ -90,8 +176,8 @@ def _check_dimension(path: str) -> None:
 
 def read_image(path: str, check_hu: bool = True):
     """A CT scan as an ITK float image: a NIfTI (or any ITK format) file, or a folder with one DICOM
-    series (rescale slope/intercept applied by GDCM). Refuses 2-D/4-D images and, with
-    ``check_hu``, values that are not Hounsfield units."""
+    series of evenly spaced slices (rescale slope/intercept applied by GDCM). Refuses 2-D/4-D
+    images, non-finite values and, with ``check_hu``, values that are not Hounsfield units."""
     if not os.path.exists(path):
         raise DatasetError(f"{path}: no such file or folder")
     try:
@@ -99,7 +185,8 @@ def read_image(path: str, check_hu: bool = True):
             files = _dicom_files(path)
             if len(files) < 2:
                 raise DatasetError(f"{path}: the DICOM series has {len(files)} slice; a 3-D scan is needed")
-            reader = itk.ImageSeriesReader[Image].New(FileNames=files, ImageIO=itk.GDCMImageIO.New())
+            _check_slice_positions(path, files)
+            reader = itk.ImageSeriesReader[itk.Image[itk.F, 3]].New(FileNames=files, ImageIO=itk.GDCMImageIO.New())
             reader.Update()
             image = reader.GetOutput()
         else:
@@ -107,16 +194,13 @@ def read_image(path: str, check_hu: bool = True):
             image = itk.imread(path, itk.F)
     except DatasetError:
         raise
-    except Exception as e:  # ITK's messages are long C++ traces; keep the last line
-        raise DatasetError(f"{path}: cannot read the image: {str(e).strip().splitlines()[-1]}") from e
+    except Exception as e:
+        raise DatasetError(f"{path}: cannot read the image: {_last_line(e)}") from e
     values = itk.array_view_from_image(image)
     if not np.isfinite(values).all():
         raise DatasetError(f"{path}: image has NaN or infinite voxels")
-    if check_hu and values.min() > -500:
-        raise DatasetError(
-            f"{path}: values {values.min():g}..{values.max():g} do not look like Hounsfield units (no voxel below "
-            "-500; air is about -1000 HU): apply the rescale slope/intercept first"
-        )
+    if check_hu:
+        check_hounsfield(values, path)
     return image
 
 
@@ -137,7 +221,7 @@ def read_label(path: str, image, image_path: str = "the image"):
     try:
         label = itk.imread(path, itk.SS)
     except Exception as e:
-        raise DatasetError(f"{path}: cannot read the label map: {str(e).strip().splitlines()[-1]}") from e
+        raise DatasetError(f"{path}: cannot read the label map: {_last_line(e)}") from e
     values = itk.array_view_from_image(label)
     if values.min() < 0:
         raise DatasetError(f"{path}: negative label values")
@@ -156,28 +240,104 @@ def read_label(path: str, image, image_path: str = "the image"):
 
 
 # --------------------------------------------------------------------------- grids and transforms
-def common_grid(fixed, spacing: float = 2.0, orientation: str = "RAS", multiple: int = 16, size=None):
-    """An empty reference image: ``spacing`` mm isotropic, array axes along ``orientation``
-    (NIfTI axis codes, e.g. RAS), covering the fixed scan's extent (or exactly ``size`` voxels),
-    centred on it, each size a multiple of ``multiple`` (the network halves the grid 4 times)."""
+def check_grid_args(spacing: float, orientation: str = "RAS", size=None, multiple: int = 16) -> np.ndarray:
+    """Refuses grid arguments that give no usable grid, before anything is read: a spacing that is
+    not a number of millimetres in (0, ``MAX_SPACING_MM``], an orientation that is not three
+    different axis codes, a size that is not 3 positive multiples of ``multiple``.
+
+    Returns:
+        (3, 3) direction matrix of the grid: column c = direction of array axis c in ITK's LPS frame.
+    """
+    if not (isinstance(spacing, numbers.Real) and math.isfinite(spacing) and 0 < spacing <= MAX_SPACING_MM):
+        raise ValueError(f"spacing must be a number of millimetres in (0, {MAX_SPACING_MM:g}], got {spacing}")
     code = orientation.upper()
     if len(code) != 3 or any(c not in _AXIS for c in code):
         raise ValueError(f"orientation must be 3 axis codes like RAS or LPS, got {orientation!r}")
-    direction = np.array([_AXIS[c] for c in code], dtype=float).T  # columns: index axes in LPS
+    direction = np.array([_AXIS[c] for c in code], dtype=float).T
     if abs(abs(np.linalg.det(direction)) - 1) > 1e-6:
         raise ValueError(f"orientation {orientation!r} does not name three different axes")
+    if size is not None and (len(size) != 3 or any(int(n) <= 0 or int(n) % multiple for n in size)):
+        raise ValueError(f"grid size must be 3 positive multiples of {multiple}, got {list(size)}")
+    return direction
+
+
+def available_memory() -> tuple[float, str]:
+    """Bytes this process can still allocate, and what limits them: the machine's available memory
+    (``MemAvailable`` of /proc/meminfo: free memory plus caches the kernel can drop) or, if less, the
+    room left under this process's address-space limit (``ulimit -v``). ``(inf, "")`` where
+    neither is known (not Linux)."""
+    avail, where = math.inf, ""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) * 1024.0
+        where = "available on this machine (MemAvailable)"
+    except (OSError, StopIteration):
+        pass
+    try:
+        import resource  # Unix only: the bundle, which imports this module, also runs on Windows
+    except ImportError:
+        return avail, where
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        try:
+            with open("/proc/self/status") as f:
+                used = next(int(line.split()[1]) for line in f if line.startswith("VmSize:")) * 1024
+        except (OSError, StopIteration):
+            used = 0
+        if limit - used < avail:
+            avail = float(limit - used)
+            where = f"left under this process's address-space limit (ulimit -v {limit // 1024})"
+    return avail, where
+
+
+def _check_grid_size(shape, spacing: float, name: str) -> None:
+    """Refuses, before anything is resampled, a grid of more than ``MAX_GRID_VOXELS`` voxels or one
+    whose pair, as the network reads it (``PAIR_BYTES_PER_VOXEL``), needs more memory than
+    ``available_memory``.
+
+    Args:
+        shape: (3,) float grid size in voxels (float: a tiny spacing gives sizes beyond int64).
+    """
+    voxels = float(np.prod(shape))
+    need = voxels * PAIR_BYTES_PER_VOXEL
+    avail, where = available_memory()
+    size = " x ".join(f"{n:g}" for n in shape)
+    grid = f"{name}: a grid of {size} voxels ({voxels:.3g}) at {spacing:g} mm around this scan"
+    pair = f"the pair as the network reads it (2 images x 3 CT windows x float32) needs {need / 1e9:.3g} GB"
+    fix = "use a larger --spacing or a smaller --size"
+    if voxels > MAX_GRID_VOXELS:
+        raise ValueError(f"{grid} is more than the maximum of {MAX_GRID_VOXELS:,} voxels; {pair}: {fix}")
+    if need > avail:
+        raise ValueError(f"{grid}: {pair}, more than the {avail / 1e9:.3g} GB {where}: {fix}")
+
+
+def common_grid(
+    fixed,
+    spacing: float = 2.0,
+    orientation: str = "RAS",
+    multiple: int = 16,
+    size=None,
+    name: str = "the fixed scan",
+):
+    """An empty reference image: ``spacing`` mm isotropic, array axes along ``orientation``
+    (NIfTI axis codes, e.g. RAS), covering the fixed scan's extent (or exactly ``size`` voxels),
+    centred on it, each size a multiple of ``multiple`` (the network halves the grid 4 times).
+    Nothing is allocated: the arguments (``check_grid_args``) and the grid's voxels and memory
+    (``MAX_GRID_VOXELS``, ``available_memory``) are checked first; ``name`` (the fixed scan's file)
+    is named in the messages."""
+    direction = check_grid_args(spacing, orientation, size, multiple)
     corners = _corners(fixed) @ direction  # in the new axes
     low, high = corners.min(0), corners.max(0)
     if size is None:
-        n = np.ceil((high - low) / spacing).astype(int) + 1
-        n = ((n + multiple - 1) // multiple) * multiple
+        n = np.ceil((high - low) / spacing) + 1
+        n = np.ceil(n / multiple) * multiple
     else:
-        n = np.array([int(s) for s in size])
-        if len(n) != 3 or any(n % multiple):
-            raise ValueError(f"grid size must be 3 multiples of {multiple}, got {list(size)}")
+        n = np.array(size, dtype=float)
+    _check_grid_size(n, spacing, name)
+    n = n.astype(int)
     centre = (low + high) / 2
     origin = direction @ (centre - spacing * (n - 1) / 2)
-    ref = Image.New()
+    ref = itk.Image[itk.F, 3].New()
     ref.SetRegions([int(x) for x in n])
     ref.SetSpacing([float(spacing)] * 3)
     ref.SetOrigin([float(x) for x in origin])
@@ -214,29 +374,28 @@ def prealign_transform(fixed, moving, kind: str = "affine", init: str | None = N
             transform.SetFixedParameters(loaded.GetFixedParameters())
             transform.SetParameters(loaded.GetParameters())
         except Exception as e:
-            raise DatasetError(f"{init}: not an ITK affine transform file: {str(e).strip().splitlines()[-1]}") from e
+            raise DatasetError(f"{init}: not an ITK affine transform file: {_last_line(e)}") from e
     if kind == "none" or (kind == "center" and init is not None):
         return transform
-    clip = lambda im: itk.clamp_image_filter(im, bounds=(-200.0, 400.0))  # soft tissue
-    f, m = clip(fixed), clip(moving)
     if init is None:
         centre_f, centre_m = _corners(fixed).mean(0), _corners(moving).mean(0)
         transform.SetCenter([float(c) for c in centre_f])
         transform.SetTranslation([float(t) for t in centre_m - centre_f])
     if kind == "center":
         return transform
+    clip = lambda im: itk.clamp_image_filter(im, bounds=(-200.0, 400.0))  # soft tissue
+    f, m = clip(fixed), clip(moving)
     # translation: a translation t (fixed frame) is optimised after the start transform, which stays
     # fixed: x -> start(x + t); folded back into the affine below
     optimised = itk.TranslationTransform[itk.D, 3].New() if kind == "translation" else transform
-    metric = itk.MattesMutualInformationImageToImageMetricv4[Image, Image].New(NumberOfHistogramBins=32)
+    metric_type = itk.MattesMutualInformationImageToImageMetricv4[itk.Image[itk.F, 3], itk.Image[itk.F, 3]]
+    metric = metric_type.New(NumberOfHistogramBins=32)
     optimizer = itk.RegularStepGradientDescentOptimizerv4[itk.D].New(
         LearningRate=1.0, MinimumStepLength=1e-3, NumberOfIterations=200, RelaxationFactor=0.5
     )
-    scales = itk.RegistrationParameterScalesFromPhysicalShift[itk.MattesMutualInformationImageToImageMetricv4[Image, Image]].New(
-        Metric=metric
-    )
+    scales = itk.RegistrationParameterScalesFromPhysicalShift[metric_type].New(Metric=metric)
     optimizer.SetScalesEstimator(scales)
-    reg = itk.ImageRegistrationMethodv4[Image, Image].New(
+    reg = itk.ImageRegistrationMethodv4[itk.Image[itk.F, 3], itk.Image[itk.F, 3]].New(
         FixedImage=f, MovingImage=m, Metric=metric, Optimizer=optimizer, InitialTransform=optimised
     )
     if kind == "translation":
@@ -258,31 +417,63 @@ def prealign_transform(fixed, moving, kind: str = "affine", init: str | None = N
 
 
 # --------------------------------------------------------------------------- output helpers
-class _staged_dir:
-    """Writes into a temporary folder next to ``path``, renamed to ``path`` on success and removed on
-    failure. ``path`` must not exist yet or be an empty folder."""
-
-    def __init__(self, path: str) -> None:
-        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-            raise FileExistsError(f"output folder {path} already exists and is not empty")
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        self.path, self.tmp = path, tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-
-    def __enter__(self) -> str:
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            if os.path.isdir(self.path):
-                os.rmdir(self.path)
-            os.replace(self.tmp, self.path)
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _write(image, path: str) -> None:
+def write_image(image, path: str) -> None:
+    """Writes an ITK image as compressed NIfTI and reads the file back to its end: ITK's NIfTI
+    writer reports a short write (disk full, file size limit) only on stderr and leaves a truncated
+    file behind, without an error."""
     itk.imwrite(image, path, compression=True)
+    try:
+        header = nib.load(path).header
+        voxels = int(np.prod(header.get_data_shape()))
+        expected = int(header.get_data_offset()) + voxels * header.get_data_dtype().itemsize
+        written = 0
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                written += len(chunk)
+    except Exception as e:  # whatever stops the read-back (truncated gzip stream, header), the file is unusable
+        raise OSError(f"written incompletely (disk full?): {_last_line(e)}") from e
+    if written < expected:
+        raise OSError(f"written incompletely (disk full?): {written} of {expected} bytes")
+
+
+def write_transform(transform, path: str) -> None:
+    """Writes an ITK transform file and reads it back: ``itk.transformwrite`` ignores failed writes
+    (a full disk leaves an empty or truncated file without an error)."""
+    itk.transformwrite([transform], path)
+    try:
+        back = itk.transformread(path)[0]
+        same = np.allclose(back.GetParameters(), transform.GetParameters(), rtol=1e-12, atol=0)
+    except Exception as e:
+        raise OSError(f"written incompletely (disk full?): {_last_line(e)}") from e
+    if not same:
+        raise OSError("written incompletely (disk full?): the parameters read back differ")
+
+
+def write_json(obj, path: str) -> None:
+    """``json.dump`` refusing NaN and infinities, which are not JSON."""
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=2, allow_nan=False)
+
+
+def write_output(staging: str, out_dir: str, rel: str, write) -> None:
+    """Calls ``write(path)`` for the file ``rel`` of an output folder being written into ``staging``
+    (``scripts.files.staged_dir``), creating its sub-folder. A failure (disk full, ...; ITK raises
+    RuntimeError with a C++ trace) becomes a one-line OSError naming the file's final path
+    ``out_dir/rel``, not the staging folder."""
+    path = os.path.join(staging, rel)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write(path)
+    except (OSError, RuntimeError) as e:
+        raise OSError(f"cannot write {os.path.join(out_dir, rel)}: {_last_line(e)}") from e
+
+
+def _write_folder(out_dir: str, outputs: dict) -> None:
+    """Writes ``outputs`` ({file name relative to ``out_dir``: function(path) writing it}) into a
+    staging folder published as ``out_dir`` once every file is written."""
+    with staged_dir(out_dir) as tmp:
+        for rel, write in outputs.items():
+            write_output(tmp, out_dir, rel, write)
 
 
 # --------------------------------------------------------------------------- prepare / restore
@@ -300,13 +491,18 @@ def prepare(
 ) -> dict:
     """Reads and checks both scans (and label maps), resamples them onto one grid around the fixed
     scan, and writes a Learn2Reg-layout folder ``out_dir`` (``CTPair_dataset.json``, ``imagesTr``,
-    ``labelsTr``, the pre-alignment ``prealign.tfm`` and ``ct_pair.json`` for ``restore``)."""
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise FileExistsError(f"output folder {out_dir} already exists and is not empty")
-    f_img, m_img = read_image(fixed), read_image(moving)
+    ``labelsTr``, the pre-alignment ``prealign.tfm`` and ``ct_pair.json`` for ``restore``).
+
+    Order of the checks, each refusing with a message naming the file or argument before anything is
+    written: the output folder (absent or empty, writable), the grid arguments, the fixed scan, the
+    grid's size and memory, the moving scan, the label maps, the overlap after pre-alignment."""
+    check_output_dir(out_dir, overwrite=False)
+    check_grid_args(spacing, orientation, size)
+    f_img = read_image(fixed)
+    grid = common_grid(f_img, spacing, orientation, size=size, name=fixed)
+    m_img = read_image(moving)
     f_lab = read_label(fixed_label, f_img, fixed) if fixed_label else None
     m_lab = read_label(moving_label, m_img, moving) if moving_label else None
-    grid = common_grid(f_img, spacing, orientation, size=size)
     transform = prealign_transform(f_img, m_img, prealign, init_transform)
     identity = itk.IdentityTransform[itk.D, 3].New()
 
@@ -342,64 +538,90 @@ def prepare(
         "registration_val": [{"fixed": f"./imagesTr/{name(FIXED_ID)}", "moving": f"./imagesTr/{name(MOVING_ID)}"}],
         "numRegistration_val": 1,
     }
-    with _staged_dir(out_dir) as tmp:
-        os.makedirs(os.path.join(tmp, "imagesTr"))
-        for i, im in images.items():
-            _write(im, os.path.join(tmp, "imagesTr", name(i)))
-        if labels:
-            os.makedirs(os.path.join(tmp, "labelsTr"))
-            for i, lab in labels.items():
-                _write(lab, os.path.join(tmp, "labelsTr", name(i)))
-        itk.transformwrite([transform], os.path.join(tmp, "prealign.tfm"))
-        with open(os.path.join(tmp, f"{TASK}_dataset.json"), "w") as fh:
-            json.dump(index, fh, indent=2)
-        with open(os.path.join(tmp, "ct_pair.json"), "w") as fh:
-            json.dump(record, fh, indent=2)
+    outputs = {f"imagesTr/{name(i)}": partial(write_image, im) for i, im in images.items()}
+    outputs |= {f"labelsTr/{name(i)}": partial(write_image, lab) for i, lab in labels.items()}
+    outputs["prealign.tfm"] = partial(write_transform, transform)
+    outputs[f"{TASK}_dataset.json"] = partial(write_json, index)
+    outputs["ct_pair.json"] = partial(write_json, record)
+    _write_folder(out_dir, outputs)
     return record
 
 
 def _field_transform(disp_path: str, grid):
-    """The Learn2Reg displacement file (voxels along the array axes of the prepared grid) as an ITK
-    displacement field transform in physical LPS millimetres."""
-    ddf = np.asarray(nib.load(disp_path).dataobj, dtype=np.float64)
+    """The Learn2Reg displacement file (voxels along the array axes of the prepared grid, shape
+    (X, Y, Z, 3)) as an ITK displacement field transform in physical LPS millimetres. A field
+    of another shape or with NaN / infinite values is refused, naming the file."""
+    try:
+        ddf = np.asarray(nib.load(disp_path).dataobj, dtype=np.float64)
+    except Exception as e:  # nibabel raises several types for unreadable files
+        raise DatasetError(f"{disp_path}: cannot read the displacement field: {_last_line(e)}") from e
     expected = (*itk.size(grid), 3)
     if ddf.shape != tuple(expected):
         raise DatasetError(f"{disp_path}: displacement field of shape {ddf.shape}, expected {tuple(expected)}")
+    bad = int(np.count_nonzero(~np.isfinite(ddf)))
+    if bad:
+        raise DatasetError(f"{disp_path}: displacement field has {bad} NaN or infinite values")
     step = _matrix(grid) @ np.diag(itk.spacing(grid))  # column c: physical step of array axis c
-    mm = ddf @ step.T  # (X, Y, Z, 3) physical displacement
-    field = itk.image_from_array(np.ascontiguousarray(mm.transpose(2, 1, 0, 3)), is_vector=True)
+    # Filled through a view of an allocated Image[Vector[D, 3], 3]: itk.image_from_array(is_vector=True)
+    # gives a VectorImage, which SetDisplacementField accepts but reads with the wrong stride.
+    field = itk.Image[itk.Vector[itk.D, 3], 3].New()
     field.CopyInformation(grid)
+    field.SetRegions(grid.GetLargestPossibleRegion())
+    field.Allocate()
+    itk.array_view_from_image(field)[:] = (ddf @ step.T).transpose(2, 1, 0, 3)  # (Z, Y, X, 3) LPS mm
     transform = itk.DisplacementFieldTransform[itk.D, 3].New()
     transform.SetDisplacementField(field)
     return transform
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> dict:
-    out = {}
-    for k in sorted(set(np.unique(a).tolist()) & set(np.unique(b).tolist()) - {0}):
-        x, y = a == k, b == k
-        out[str(int(k))] = float(2 * (x & y).sum() / (x.sum() + y.sum()))
-    return out
-
-
-def restore(prepared_dir: str, disp_dir: str, out_dir: str) -> dict:
-    """Maps the registration of a prepared pair back to the fixed scan's own grid (see module doc)."""
+def _read_prepared(prepared_dir: str):
+    """The record (``ct_pair.json``), the grid (the prepared fixed image) and the pre-alignment of a
+    folder written by ``prepare``; an unreadable or non-finite one is refused, naming the file."""
     record_path = os.path.join(prepared_dir, "ct_pair.json")
     if not os.path.isfile(record_path):
         raise DatasetError(f"{prepared_dir}: no ct_pair.json; this folder was not written by 'ct_pair prepare'")
-    with open(record_path) as fh:
-        record = json.load(fh)
+    try:
+        with open(record_path) as fh:
+            record = json.load(fh)
+        grid_path = os.path.join(prepared_dir, "imagesTr", f"{TASK}_{record['fixed_id']}_0000.nii.gz")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f"{record_path}: not a ct_pair record: {e}") from e
+    try:
+        grid = itk.imread(grid_path, itk.F)
+    except Exception as e:
+        raise DatasetError(f"{grid_path}: cannot read the prepared fixed image: {_last_line(e)}") from e
+    tfm_path = os.path.join(prepared_dir, "prealign.tfm")
+    try:
+        prealign = itk.transformread(tfm_path)[0]
+    except Exception as e:
+        raise DatasetError(f"{tfm_path}: cannot read the pre-alignment: {_last_line(e)}") from e
+    if not np.isfinite(list(prealign.GetParameters()) + list(prealign.GetFixedParameters())).all():
+        raise DatasetError(f"{tfm_path}: the pre-alignment has NaN or infinite parameters")
+    return record, grid, prealign
+
+
+def _dice_by_label(fixed, warped, moving) -> dict:
+    """``scripts.metrics.dice_per_label`` (official rule: the labels present in the fixed and in the
+    unwarped moving label map; one warped away scores 0) as {label: Dice} over those labels."""
+    labels = [int(v) for v in np.unique(fixed) if v != 0]
+    scores = dice_per_label(fixed, warped, moving, labels)
+    return {str(k): float(d) for k, d in zip(labels, scores) if not np.isnan(d)}
+
+
+def restore(prepared_dir: str, disp_dir: str, out_dir: str) -> dict:
+    """Maps the registration of a prepared pair back to the fixed scan's own grid (see module doc).
+    Every input is checked, and every output computed and found finite, before anything is written."""
+    check_output_dir(out_dir, overwrite=False)
+    record, grid, prealign = _read_prepared(prepared_dir)
     candidates = [os.path.join(disp_dir, disp_name(record["fixed_id"], record["moving_id"], s)) for s in ("long", "short")]
     disp = next((p for p in candidates if os.path.isfile(p)), None)
     if disp is None:
         raise DatasetError(f"{disp_dir}: no displacement file {os.path.basename(candidates[0])} (or the short name)")
+    field = _field_transform(disp, grid)
     f_img = read_image(record["fixed"])
     m_img = read_image(record["moving"])
     m_lab = read_label(record["moving_label"], m_img, record["moving"]) if record["moving_label"] else None
     f_lab = read_label(record["fixed_label"], f_img, record["fixed"]) if record["fixed_label"] else None
-    grid = itk.imread(os.path.join(prepared_dir, "imagesTr", f"{TASK}_{record['fixed_id']}_0000.nii.gz"), itk.F)
-    prealign = itk.transformread(os.path.join(prepared_dir, "prealign.tfm"))[0]
-    field = _field_transform(disp, grid)
 
     total = itk.CompositeTransform[itk.D, 3].New()
     total.AddTransform(prealign)
@@ -410,10 +632,10 @@ def restore(prepared_dir: str, disp_dir: str, out_dir: str) -> dict:
         warped_label = _resample(m_lab, f_img, total, nearest=True, default=0)
         outputs["warped_moving_label.nii.gz"] = warped_label
         if f_lab is not None:
-            fixed_arr = itk.array_from_image(f_lab)
-            affine_only = itk.array_from_image(_resample(m_lab, f_img, prealign, nearest=True, default=0))
-            after = _dice(fixed_arr, itk.array_from_image(warped_label))
-            before = _dice(fixed_arr, affine_only)
+            fixed_arr, moving_arr = itk.array_view_from_image(f_lab), itk.array_view_from_image(m_lab)
+            affine_only = itk.array_view_from_image(_resample(m_lab, f_img, prealign, nearest=True, default=0))
+            after = _dice_by_label(fixed_arr, itk.array_view_from_image(warped_label), moving_arr)
+            before = _dice_by_label(fixed_arr, affine_only, moving_arr)
             metrics = {
                 "dice_per_label": after, "mean_dice": float(np.mean(list(after.values()))) if after else None,
                 "dice_per_label_prealign_only": before,
@@ -425,12 +647,16 @@ def restore(prepared_dir: str, disp_dir: str, out_dir: str) -> dict:
     )
     to_field.Update()
     outputs["displacement_mm.nii.gz"] = to_field.GetOutput()
-    with _staged_dir(out_dir) as tmp:
-        for name, im in outputs.items():
-            _write(im, os.path.join(tmp, name))
-        if metrics is not None:
-            with open(os.path.join(tmp, "metrics.json"), "w") as fh:
-                json.dump(metrics, fh, indent=2)
+    for name, im in outputs.items():  # a finite field of float32-overflowing size would still give Inf here
+        if not np.isfinite(itk.array_view_from_image(im)).all():
+            raise DatasetError(
+                f"{disp}: {os.path.join(out_dir, name)} would hold NaN or infinite values (the displacement field "
+                f"composed with {os.path.join(prepared_dir, 'prealign.tfm')} leaves the float32 range); nothing written"
+            )
+    writers = {name: partial(write_image, im) for name, im in outputs.items()}
+    if metrics is not None:
+        writers["metrics.json"] = partial(write_json, metrics)
+    _write_folder(out_dir, writers)
     return metrics or {}
 
 
@@ -445,7 +671,8 @@ def main(argv=None) -> int:
     p.add_argument("--out_dir", required=True)
     p.add_argument("--prealign", default="none", choices=PREALIGN_KINDS)
     p.add_argument("--init_transform", help="ITK affine transform file, fixed -> moving (starts or replaces --prealign)")
-    p.add_argument("--spacing", type=float, default=2.0, help="mm, isotropic (default 2, as AbdomenCTCT)")
+    p.add_argument("--spacing", type=float, default=2.0,
+                   help=f"mm, isotropic, in (0, {MAX_SPACING_MM:g}] (default 2, as AbdomenCTCT)")  # fmt: skip
     p.add_argument("--orientation", default="RAS", help="axis codes of the prepared arrays (default RAS)")
     p.add_argument("--size", type=int, nargs=3, help="grid size in voxels, multiples of 16 (default: the fixed extent)")
     r = sub.add_parser("restore", help="warp the original moving scan onto the fixed scan's own grid")
@@ -462,7 +689,7 @@ def main(argv=None) -> int:
             metrics = restore(args.prepared_dir, args.disp_dir, args.out_dir)
             print(f"wrote {args.out_dir}" + (f": mean Dice {metrics['mean_dice']:.3f} on labels {metrics['labels_in_both']} "
                   f"(pre-alignment only: {metrics['mean_dice_prealign_only']:.3f})" if metrics.get("mean_dice") is not None else ""))
-    except (DatasetError, FileExistsError, ValueError) as e:
+    except (ValueError, OSError) as e:  # DatasetError is a ValueError; FileExistsError, PermissionError are OSErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -3,6 +3,8 @@ fixed image (method.md section 4)."""
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -92,6 +94,12 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def case(self, index: int, role: str) -> dict:
+        """The ``image`` (and ``label``) paths or arrays of the ``role`` ("fixed" or "moving") image of
+        pair ``index``, before preprocessing."""
+        pair = self.pairs[index]
+        return {k: pair[f"{role}_{k}"] for k in ("image", "label") if f"{role}_{k}" in pair}
+
     def __getitem__(self, index: int) -> dict:
         pair = dict(self.pairs[index])
         for role in ("moving", "fixed"):
@@ -106,17 +114,47 @@ class PairDataset(Dataset):
         return pair
 
 
-def check_dataset(dataset: Dataset) -> Dataset:
-    """Loads every item once, before any output is written, so that a bad file stops the run early.
+def check_dataset(dataset: PairDataset, max_voxels: int | None = None, progress_seconds: float = 10.0) -> PairDataset:
+    """Loads and preprocesses every image of a pair list once, before any output is written, so that a
+    bad file stops the run early with a message naming it. Then checks each pair: both images must
+    come out of the preprocessing on one grid (the network takes them together), of at most
+    ``max_voxels`` voxels. Returns ``dataset``.
 
-    MONAI wraps a transform's exception in layers of RuntimeError; the innermost message is
-    re-raised as a ValueError prefixed by the item. Returns ``dataset``.
+    An image used by several pairs is checked once. A line of progress is printed every
+    ``progress_seconds`` (a list of 10,000 pairs takes minutes). MONAI wraps a transform's exception
+    in layers of RuntimeError; the innermost message is re-raised as a ValueError naming the files.
     """
+    shapes: dict[tuple, tuple] = {}  # an image's (image, label) paths -> its preprocessed shape
+    start = last = time.monotonic()
+
+    def shape_of(i: int, role: str) -> tuple:
+        case = dataset.case(i, role)
+        key = tuple(sorted((k, str(v)) for k, v in case.items()))
+        if key not in shapes:
+            try:
+                shapes[key] = tuple(apply_transform(dataset.transform, dict(case))["image"].shape[1:])
+            except Exception as e:
+                files = " and ".join(str(v) for v in case.values())
+                raise ValueError(f"input {i + 1} of {len(dataset)}, {role} {files}: {_root_cause(e)}") from e
+        return shapes[key]
+
     for i in range(len(dataset)):
-        try:
-            dataset[i]
-        except Exception as e:
-            raise ValueError(f"input {i + 1} of {len(dataset)}: {_root_cause(e)}") from e
+        fixed, moving = shape_of(i, "fixed"), shape_of(i, "moving")
+        f_path, m_path = dataset.case(i, "fixed")["image"], dataset.case(i, "moving")["image"]
+        if fixed != moving:
+            raise ValueError(
+                f"input {i + 1} of {len(dataset)}: fixed {f_path} becomes {fixed} and moving {m_path} becomes "
+                f"{moving} after preprocessing; register images that share one grid (resample or pad them first)"
+            )
+        if max_voxels is not None and math.prod(fixed) > max_voxels:
+            raise ValueError(
+                f"input {i + 1} of {len(dataset)}: fixed {f_path} is {'x'.join(map(str, fixed))} voxels after "
+                f"padding, more than max_voxels={max_voxels}: crop or resample the images (scripts.ct_pair "
+                "prepare for CT), or raise --max_voxels if the memory allows"
+            )
+        if time.monotonic() - last > progress_seconds:
+            last = time.monotonic()
+            print(f"checked {i + 1} of {len(dataset)} pairs ({len(shapes)} images, {last - start:.0f} s)", flush=True)
     return dataset
 
 

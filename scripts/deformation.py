@@ -41,7 +41,7 @@ def gradient_to_ddf(grad: torch.Tensor) -> torch.Tensor:
         x_c + ddf_c is strictly increasing along axis c (no self-crossing along an axis).
     """
     if grad.ndim < 4 or grad.shape[-4] != 3:
-        raise ValueError(f"grad must be (..., 3, H, W, D), got shape {tuple(grad.shape)}")
+        raise ValueError(f"grad must be (..., 3, H, W, D), got shape {list(grad.shape)}")
     g = grad - 1
     return torch.stack([torch.cumsum(g[..., c, :, :, :], dim=g.ndim - 4 + c) for c in range(3)], dim=-4)
 

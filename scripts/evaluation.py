@@ -17,7 +17,8 @@ import nibabel as nib
 import numpy as np
 
 from scripts import learn2reg
-from scripts.files import atomic_path, save_nifti
+from scripts.files import atomic_path, save_nifti, sha256_of
+from scripts.handlers import MANIFEST
 from scripts.learn2reg import disp_name
 from scripts.metrics import evaluate_pair, summarize
 
@@ -32,8 +33,9 @@ DEFINITIONS = (
     "1e9))), J by central differences cropped by 2 voxels), p30 = np.quantile(per-pair values, 0.3). "
     "Not official: hd95_mm (same with the fixed label map's header spacing), sdlogj_plain "
     "(std(log J) over J > 0), folding_percent (100 * fraction of J <= 0). Aggregates ignore NaN "
-    "pairs (the official mean does not); std is the population std (ddof=0) as officially; "
-    "non-finite numbers are null in metrics.json and nan/inf in the CSV."
+    "values (n counts the others); std is the population std (ddof=0); non-finite numbers are null in "
+    "metrics.json and nan/inf in the CSV. A pair whose displacement field holds NaN or infinite values is "
+    "invalid: not scored (every metric NaN, valid = False), counted in num_invalid and listed in invalid_pairs."
 )
 
 
@@ -73,6 +75,35 @@ def _check_pairs(pairs: Sequence[dict], disp_dir: Path) -> list[Path]:
     return disp_paths
 
 
+def _check_manifest(disp_dir: Path, disp_paths: list[Path]) -> None:
+    """A folder written by configs/inference.json has a manifest.json with the sha256 of every file
+    it wrote: refuse, naming it, a displacement file that the run recorded there did not write
+    (a folder mixing several runs' results). Folders without a manifest (other tools) are scored as
+    they are."""
+    path = disp_dir / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        files = json.loads(path.read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: not a readable manifest ({e}); remove it to score the folder as it is") from e
+    for disp in disp_paths:
+        recorded = files.get(disp.name)
+        if recorded is None or recorded != sha256_of(str(disp)):
+            what = "is not listed in" if recorded is None else "was changed since it was written by the run of"
+            raise ValueError(
+                f"{disp}: {what} {path}: the folder mixes the results of several runs; register again into an "
+                "empty folder (or remove manifest.json to score the files as they are)"
+            )
+
+
+def _read_disp(path: Path) -> np.ndarray:
+    try:
+        return nib.load(path).get_fdata()  # float64, as the official evaluation reads it
+    except Exception as e:  # truncated gzip (EOFError), corrupt data (zlib / nibabel errors)
+        raise ValueError(f"{path}: cannot read the displacement field ({type(e).__name__}: {e})") from e
+
+
 def _label_values(path: str) -> set:
     values = np.unique(np.asarray(nib.load(path).dataobj))
     return {int(v) if float(v).is_integer() else float(v) for v in values if v != 0}
@@ -101,36 +132,46 @@ def evaluate_folder(
 
     Returns:
         ``{metric: {"mean", "std", "p30", "n"}}`` for dice, hd95 (voxels), hd95_mm, sdlogj,
-        sdlogj_plain, folding_percent (%), and ``dice_<label>``; plus ``num_pairs``, ``labels``,
+        sdlogj_plain, folding_percent (%), and ``dice_<label>``; plus ``num_pairs``,
+        ``num_invalid`` and ``invalid_pairs`` (fields with NaN / inf, not scored), ``labels``,
         ``definitions``. NaN values are None (as written to metrics.json).
 
     Raises:
-        FileNotFoundError / ValueError naming the file, before anything is computed or written.
+        FileNotFoundError / ValueError naming the file, before anything is written: a missing,
+        unreadable or misshapen displacement file, and (when ``disp_dir`` holds the manifest.json of
+        configs/inference.json) one that the recorded run did not write.
     """
     disp_dir, output_dir = Path(disp_dir), Path(output_dir)
     disp_paths = _check_pairs(pairs, disp_dir)
+    _check_manifest(disp_dir, disp_paths)
     if labels is None:
         paths = {p[k] for p in pairs for k in ("fixed_label", "moving_label")}
         labels = sorted(set().union(*(_label_values(p) for p in sorted(paths))))
     labels = [int(v) if float(v).is_integer() else float(v) for v in labels]
 
-    rows = []
+    rows, invalid = [], []
     for pair, disp_path in zip(pairs, disp_paths):
-        fixed_img = nib.load(pair["fixed_label"])
-        fixed = fixed_img.get_fdata()
-        moving = nib.load(pair["moving_label"]).get_fdata()
-        disp = nib.load(disp_path).get_fdata()
-        spacing = fixed_img.header.get_zooms()[:3]
-        res = evaluate_pair(fixed, moving, disp, labels, spacing=spacing)
+        disp = _read_disp(disp_path)
         row = {"fixed_id": _id(pair["fixed_id"]), "moving_id": _id(pair["moving_id"])}
+        bad = int(disp.size - np.isfinite(disp).sum())
+        if bad:
+            res = {m: float("nan") for m in METRICS}
+            res["dice_per_label"] = [float("nan")] * len(labels)
+            invalid.append({**row, "file": disp_path.name, "problem": f"{bad} NaN or infinite values"})
+        else:
+            fixed_img = nib.load(pair["fixed_label"])
+            moving = nib.load(pair["moving_label"]).get_fdata()
+            res = evaluate_pair(fixed_img.get_fdata(), moving, disp, labels, spacing=fixed_img.header.get_zooms()[:3])
         row.update({m: res[m] for m in METRICS})
         row.update({f"dice_{label}": d for label, d in zip(labels, res["dice_per_label"])})
+        row["valid"] = not bad
         rows.append(row)
 
     columns = list(rows[0])
-    summary = {m: summarize([r[m] for r in rows]) for m in columns[2:]}
+    summary = {m: summarize([r[m] for r in rows]) for m in columns[2:-1]}
     summary = {m: {k: _finite_or_none(v) for k, v in s.items()} for m, s in summary.items()}
-    summary.update({"num_pairs": len(rows), "labels": labels, "definitions": DEFINITIONS})
+    summary.update({"num_pairs": len(rows), "num_invalid": len(invalid), "invalid_pairs": invalid})
+    summary.update({"labels": labels, "definitions": DEFINITIONS})
 
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -146,11 +187,19 @@ def evaluate_folder(
 
 def format_summary(summary: dict) -> str:
     """A Markdown table (metric, mean, std, 30th percentile) of ``evaluate_folder``'s result."""
-    lines = [f"{summary['num_pairs']} pairs, labels {summary['labels']}", "", "| metric | mean | std | p30 |", "|---|---|---|---|"]
+    lines = [f"{summary['num_pairs']} pairs, labels {summary['labels']}"]
+    if summary.get("num_invalid"):
+        listed = ", ".join(f"{p['file']} ({p['problem']})" for p in summary["invalid_pairs"][:5])
+        more = " ..." if summary["num_invalid"] > 5 else ""
+        lines.append(
+            f"WARNING: {summary['num_invalid']} of {summary['num_pairs']} pairs have a displacement field with NaN or "
+            f"infinite values and were not scored (valid = False in metrics_per_pair.csv): {listed}{more}"
+        )
+    lines += ["", "| metric | mean | std | p30 | n |", "|---|---|---|---|---|"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     for name in METRICS:
         s = summary[name]
-        lines.append(f"| {name} | {fmt(s['mean'])} | {fmt(s['std'])} | {fmt(s['p30'])} |")
+        lines.append(f"| {name} | {fmt(s['mean'])} | {fmt(s['std'])} | {fmt(s['p30'])} | {s['n']} |")
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -29,6 +30,7 @@ __all__ = [
     "publish_dir",
     "remove_stale",
     "save_nifti",
+    "sha256_of",
     "staged_dir",
     "staging_path",
     "tmp_name",
@@ -123,6 +125,15 @@ class atomic_path:
                 raise
         elif os.path.exists(self.tmp):
             os.remove(self.tmp)
+
+
+def sha256_of(path: str) -> str:
+    """The sha256 of the file ``path``, read in blocks of 1 MiB."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import datetime
+import json
 import os
+import shutil
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -11,11 +14,12 @@ import torch
 from ignite.engine import Engine, Events
 from matplotlib.figure import Figure
 
-from scripts.files import atomic_path, check_output_dir, save_nifti
-from scripts.learn2reg import disp_name
+from scripts.files import atomic_path, publish_dir, sha256_of
 from scripts.visualize import pair_figure
 
-__all__ = ["TensorBoardPairImages", "RegistrationWriter", "figure_to_rgb"]
+__all__ = ["MANIFEST", "RegistrationResults", "TensorBoardPairImages", "figure_to_rgb", "write_manifest"]
+
+MANIFEST = "manifest.json"
 
 
 def _numpy(item: dict) -> dict:
@@ -64,69 +68,96 @@ class TensorBoardPairImages:
         plt.close(fig)
 
 
-class RegistrationWriter:
-    """Writes the results of each registered pair into ``output_dir`` (attach to an evaluator that
-    uses ``scripts.workflow.RegistrationEvalStep``, after MONAI decollated the batch):
+class RegistrationResults:
+    """Completes the output folder of configs/inference.json, which is written as a whole.
 
-    - ``disp_<fixed>_0000_<moving>_0000.nii.gz`` (``disp_<fixed>_<moving>.nii.gz`` with
-      ``disp_name_style="short"``): the Learn2Reg displacement file, H x W x D x 3
-      float32 in voxels along the raw array axes, on the fixed grid, with the fixed image's affine;
-      with ``inverse``, also the file of the reversed pair (fixed->moving field, moving grid);
-    - ``warped_image_<fixed>_<moving>.nii.gz`` and, when the moving image has labels,
-      ``warped_label_<fixed>_<moving>.nii.gz`` (nearest neighbour, uint8), on the fixed grid;
-    - ``figure_<fixed>_<moving>.png``: moving, fixed, warped, deformation grid, label contours;
-    - ``timing.csv``: fixed_id, moving_id, seconds (network + integration) for every pair.
+    The postprocessing (``SaveImaged``, ``scripts.visualize.SavePairFigured``) writes every pair's
+    files into ``staging_dir``, a temporary folder next to ``output_dir``. This handler collects the
+    per-pair timings and, once every pair is done, writes there
 
-    Every file is written under a temporary name and renamed when complete. An ``output_dir`` that
-    cannot be created or written is refused when the writer is created (``check_output_dir``).
+    - ``timing.csv``: fixed_id, moving_id, seconds (network + integration) for every pair;
+    - ``manifest.json``: what produced the folder (bundle version, checkpoint and its sha256, the
+      settings given in ``manifest``), the pairs (ids and image paths) and the sha256 of every file;
+      ``configs/evaluate.json`` uses it to refuse a folder whose files do not all come from one run;
+
+    then moves the folder to ``output_dir`` (``scripts.files.publish_dir``: a non-empty
+    ``output_dir`` is replaced only with ``overwrite``, and only once the new folder is complete). If
+    the run fails, the staging folder is removed; one left by a killed run is removed by the next run
+    (``scripts.files.staging_path``). So ``output_dir`` holds either nothing new or one complete run.
+
+    List it FIRST among the evaluator's handlers: Ignite calls the ``EXCEPTION_RAISED`` handlers in
+    order and MONAI's ``StatsHandler`` re-raises, so a handler after it would never clean up.
+
+    Args:
+        staging_dir: where the postprocessing writes (``scripts.files.staging_path(output_dir)``).
+        output_dir: the final folder.
+        overwrite: replace a non-empty ``output_dir``.
+        manifest: settings to record (checkpoint path under ``"checkpoint"``, network settings, ...).
     """
 
-    def __init__(self, output_dir: str, figures: bool = True, disp_name_style: str = "long") -> None:
-        disp_name("0", "0", disp_name_style)  # refuse a bad style before anything runs
-        check_output_dir(output_dir)
-        self.output_dir, self.figures, self.disp_name_style = output_dir, figures, disp_name_style
+    def __init__(self, staging_dir: str, output_dir: str, overwrite: bool = False, manifest: dict | None = None) -> None:
+        self.staging_dir, self.output_dir, self.overwrite = staging_dir, output_dir, bool(overwrite)
+        self.manifest = dict(manifest or {})
         self._timings: list[tuple[str, str, float]] = []
+        self._pairs: list[dict] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-        engine.add_event_handler(Events.COMPLETED, self._write_timings)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._finish)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._failed)
 
     def _start(self, engine: Engine) -> None:
-        os.makedirs(self.output_dir, exist_ok=True)
-        self._timings = []
+        self._timings, self._pairs = [], []
+        os.makedirs(self.staging_dir, exist_ok=True)
 
-    def __call__(self, engine: Engine) -> None:
+    def _collect(self, engine: Engine) -> None:
         for item, out in zip(engine.state.batch, engine.state.output):
-            self._write_pair(item, _numpy(out))
+            f_id, m_id = str(item["fixed_id"]), str(item["moving_id"])
+            self._timings.append((f_id, m_id, float(out["seconds"])))
+            files = {k: str(item[k].meta.get("filename_or_obj", "")) for k in ("fixed_image", "moving_image")}
+            self._pairs.append({"fixed_id": f_id, "moving_id": m_id, **files})
 
-    def _write_pair(self, item: dict, out: dict) -> None:
-        f_id, m_id = str(item["fixed_id"]), str(item["moving_id"])
-        affine = np.asarray(item["fixed_image"].affine)
-        path = lambda name: os.path.join(self.output_dir, name)  # noqa: E731
-        save_nifti(out["ddf"].transpose(1, 2, 3, 0).astype(np.float32), affine, path(disp_name(f_id, m_id, self.disp_name_style)))
-        if "ddf_inverse" in out:
-            inv = out["ddf_inverse"].transpose(1, 2, 3, 0).astype(np.float32)
-            save_nifti(inv, np.asarray(item["moving_image"].affine), path(disp_name(m_id, f_id, self.disp_name_style)))
-        save_nifti(out["warped_image"][0].astype(np.float32), affine, path(f"warped_image_{f_id}_{m_id}.nii.gz"))
-        labels = {}
-        if "pred" in out:
-            warped_label = out["pred"].argmax(0).astype(np.uint8)
-            save_nifti(warped_label, affine, path(f"warped_label_{f_id}_{m_id}.nii.gz"))
-            labels = {"fixed_label": out["label"].argmax(0), "warped_label": warped_label}
-        if self.figures:
-            fig = pair_figure(
-                out["moving_image"][0], out["fixed_image"][0], out["warped_image"][0], out["ddf"],
-                title=f"fixed {f_id}, moving {m_id}", **labels,
-            )
-            with atomic_path(path(f"figure_{f_id}_{m_id}.png")) as tmp:
-                fig.savefig(tmp, dpi=80)
-            plt.close(fig)
-        self._timings.append((f_id, m_id, float(out["seconds"])))
-
-    def _write_timings(self, engine: Engine) -> None:
-        with atomic_path(os.path.join(self.output_dir, "timing.csv")) as tmp:
-            with open(tmp, "w", newline="") as f:
+    def _finish(self, engine: Engine) -> None:
+        try:
+            with open(os.path.join(self.staging_dir, "timing.csv"), "w", newline="") as f:
                 writer = csv.writer(f)
                 writer.writerow(["fixed_id", "moving_id", "seconds"])
-                writer.writerows((f, m, f"{s:.4f}") for f, m, s in self._timings)
+                writer.writerows((a, b, f"{s:.4f}") for a, b, s in self._timings)
+            write_manifest(self.staging_dir, self.manifest, self._pairs)
+            publish_dir(self.staging_dir, self.output_dir, self.overwrite)
+        except BaseException:
+            shutil.rmtree(self.staging_dir, ignore_errors=True)
+            raise
+
+    def _failed(self, engine: Engine, e: Exception) -> None:
+        shutil.rmtree(self.staging_dir, ignore_errors=True)
+        raise e
+
+
+def _bundle_version() -> str:
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "metadata.json")
+    try:
+        with open(path) as f:
+            return str(json.load(f).get("version", "unknown"))
+    except (OSError, ValueError):
+        return "unknown"
+
+
+def write_manifest(folder: str, settings: dict, pairs: list[dict]) -> str:
+    """Writes ``<folder>/manifest.json`` (see ``RegistrationResults``) and returns its path. Every file
+    already in ``folder`` is listed with its sha256; a ``checkpoint`` path in ``settings`` is hashed too."""
+    checkpoint = settings.get("checkpoint")
+    content = {
+        "written_by": f"spatial-gradient registration bundle {_bundle_version()}",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": {"path": str(checkpoint), "sha256": sha256_of(checkpoint)} if checkpoint and os.path.isfile(checkpoint) else None,
+        "settings": {k: v for k, v in settings.items() if k != "checkpoint"},
+        "pairs": pairs,
+        "files": {name: sha256_of(os.path.join(folder, name)) for name in sorted(os.listdir(folder))},
+    }
+    path = os.path.join(folder, MANIFEST)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(content, f, indent=1, default=str)
+        f.write("\n")
+    return path

@@ -22,7 +22,19 @@ import re
 
 import nibabel as nib
 
-__all__ = ["DatasetError", "read_index", "training_cases", "pairs", "case_id", "disp_name"]
+__all__ = [
+    "DatasetError",
+    "OutputName",
+    "case_id",
+    "check_output_names",
+    "disp_name",
+    "nifti_header",
+    "output_names",
+    "pairs",
+    "read_index",
+    "read_index_file",
+    "training_cases",
+]
 
 
 class DatasetError(ValueError):
@@ -49,8 +61,68 @@ def disp_name(fixed_id: str, moving_id: str, style: str = "long") -> str:
     return f"disp_{fixed_id}_{moving_id}.nii.gz" if style == "short" else f"disp_{fixed_id}_0000_{moving_id}_0000.nii.gz"
 
 
+class OutputName:
+    """``output_name_formatter`` of MONAI's ``SaveImaged`` giving the bundle's output names from the
+    ``key``, ``fixed_id`` and ``moving_id`` that ``scripts.transforms.ToImageGridd`` puts in each
+    output's metadata:
+
+    - ``ddf``: the Learn2Reg displacement file ``disp_<f>_0000_<m>_0000`` (``style="short"``:
+      ``disp_<f>_<m>``); ``ddf_fixed_to_moving``: the same name for the reversed pair;
+    - any other key, e.g. ``warped_image`` / ``warped_label``: ``<key>_<f>_<m>``.
+
+    SaveImaged adds the extension (``output_ext``) and, with ``output_postfix=""``, nothing else."""
+
+    def __init__(self, style: str = "long") -> None:
+        disp_name("0", "0", style)  # refuse a bad style when the config is read
+        self.style = style
+
+    def name(self, key: str, fixed_id: str, moving_id: str) -> str:
+        if key == "ddf":
+            return disp_name(fixed_id, moving_id, self.style)[: -len(".nii.gz")]
+        if key == "ddf_fixed_to_moving":
+            return disp_name(moving_id, fixed_id, self.style)[: -len(".nii.gz")]
+        return f"{key}_{fixed_id}_{moving_id}"
+
+    def __call__(self, metadict: dict, saver=None) -> dict:
+        return {"subject": self.name(metadict["key"], str(metadict["fixed_id"]), str(metadict["moving_id"])), "idx": None}
+
+
+def output_names(pair: dict, style: str = "long", fixed_to_moving: bool = False, figures: bool = True) -> list[str]:
+    """Every file name inference writes for ``pair`` (see configs/inference.json)."""
+    f, m, out = pair["fixed_id"], pair["moving_id"], OutputName(style)
+    keys = ["ddf", "warped_image", "warped_label"] + (["ddf_fixed_to_moving"] if fixed_to_moving else [])
+    names = [out.name(k, f, m) + ".nii.gz" for k in keys]
+    if figures:
+        names.append(f"figure_{f}_{m}.png")
+    return names
+
+
+def check_output_names(pairs: list[dict], style: str = "long", fixed_to_moving: bool = False) -> list[dict]:
+    """Refuses, before any work, a pair list in which two pairs would write a file of the same name.
+
+    Output names are made from the 4-digit case ids only (the Learn2Reg convention), so two
+    different images with one case number (``a/X_0367_0000.nii.gz`` and ``b/X_0367_0000.nii.gz``),
+    or a pair listed twice, would overwrite each other's results. The message names both pairs and
+    their source paths. Returns ``pairs``."""
+    seen: dict[str, int] = {}
+    for i, pair in enumerate(pairs):
+        for name in output_names(pair, style, fixed_to_moving, figures=False):
+            j = seen.setdefault(name, i)
+            if j == i:
+                continue
+            a, b = pairs[j], pair
+            same = a["fixed_image"] == b["fixed_image"] and a["moving_image"] == b["moving_image"]
+            what = "is listed twice" if same else "and another pair would write the same file"
+            raise DatasetError(
+                f"pair {j + 1} (fixed {a['fixed_image']}, moving {a['moving_image']}) {what}: pair {i + 1} (fixed "
+                f"{b['fixed_image']}, moving {b['moving_image']}) would also write {name}, because output names use "
+                "the 4-digit case ids only; remove the duplicate or give the images distinct case numbers"
+            )
+    return pairs
+
+
 def read_index(dataset_dir: str) -> tuple[str, dict]:
-    """Find and parse the dataset JSON of a folder. Returns (json path, content)."""
+    """Find and parse the dataset JSON of a folder (``read_index_file``). Returns (json path, content)."""
     if not os.path.isdir(dataset_dir):
         raise DatasetError(f"{dataset_dir}: dataset folder does not exist")
     found = sorted(glob.glob(os.path.join(dataset_dir, "*_dataset.json")))
@@ -59,15 +131,37 @@ def read_index(dataset_dir: str) -> tuple[str, dict]:
     if len(found) != 1:
         what = "no" if not found else f"{len(found)}"
         raise DatasetError(f"{dataset_dir}: expected one <Task>_dataset.json or dataset.json, found {what}")
-    path = found[0]
+    return found[0], read_index_file(found[0])
+
+
+def read_index_file(path: str, error: type[Exception] = DatasetError) -> dict:
+    """Parse a Learn2Reg ``<Task>_dataset.json`` or MSD ``dataset.json``; it must hold a non-empty
+    ``training`` list. Raises ``error`` naming the file."""
     try:
         with open(path) as f:
             index = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{path}: not a readable JSON file ({e})") from e
+        raise error(f"{path}: not a readable JSON file ({e})") from e
     if not isinstance(index, dict) or not isinstance(index.get("training"), list) or not index["training"]:
-        raise DatasetError(f"{path}: needs a non-empty 'training' list of {{'image', 'label'}} entries")
-    return path, index
+        raise error(f"{path}: needs a non-empty 'training' list of {{'image', 'label'}} entries")
+    return index
+
+
+def nifti_header(path: str, error: type[Exception] = DatasetError, where: str = ""):
+    """The nibabel image of a 3-D NIfTI file, from its header only (cheap: the voxels are not read),
+    so that a bad file stops a run before any output. Raises ``error`` naming the file (and
+    ``where`` it is listed) if it is missing, unreadable or not 3-D."""
+    name = f"{path} ({where})" if where else path
+    if not os.path.isfile(path):
+        raise error(f"{name}: file does not exist")
+    try:
+        img = nib.load(path)
+        shape = img.shape
+    except Exception as e:  # nibabel raises several types for unreadable headers
+        raise error(f"{name}: not a readable NIfTI image ({e})") from e
+    if len(shape) != 3:
+        raise error(f"{name}: expected a 3-D image, got shape {tuple(shape)}")
+    return img
 
 
 def _resolve(dataset_dir: str, index_path: str, rel: str) -> str:
@@ -172,13 +266,7 @@ def pairs(dataset_dir: str, selection: str = "registration_val", num_val: int = 
 
 
 def _shape(path: str) -> tuple:
-    try:
-        shape = tuple(nib.load(path).shape)
-    except Exception as e:  # nibabel raises several types for unreadable headers
-        raise DatasetError(f"{path}: not a readable NIfTI image ({e})") from e
-    if len(shape) != 3:
-        raise DatasetError(f"{path}: expected a 3-D image, got shape {shape}")
-    return shape
+    return tuple(nifti_header(path).shape)
 
 
 def _check_same_grid(pairs: list[dict]) -> None:
@@ -186,8 +274,12 @@ def _check_same_grid(pairs: list[dict]) -> None:
     fixed grid and indexes the moving array directly, so padding two differently sized images to a
     common size would silently misalign them. (MSD cases differ in size and are padded: not checked.)
     Reads the headers only."""
+    shapes: dict[str, tuple] = {}  # an image listed in many pairs is read once
     for p in pairs:
-        fixed, moving = _shape(p["fixed_image"]), _shape(p["moving_image"])
+        for path in (p["fixed_image"], p["moving_image"]):
+            if path not in shapes:
+                shapes[path] = _shape(path)
+        fixed, moving = shapes[p["fixed_image"]], shapes[p["moving_image"]]
         if fixed != moving:
             raise DatasetError(
                 f"fixed {p['fixed_image']} has shape {fixed} but moving {p['moving_image']} has shape {moving}: "
@@ -199,7 +291,7 @@ def _read_pair_file(path: str) -> list:
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: pair list file does not exist")
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             if path.lower().endswith(".json"):
                 return json.load(f)
             rows = list(csv.DictReader(f))

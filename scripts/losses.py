@@ -102,6 +102,7 @@ class SymmetricRegistrationLoss(nn.Module):
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
         self.num_labels = int(num_labels)
         self.dice = DiceLoss(include_background=False, squared_pred=True, smooth_nr=1.0, smooth_dr=1.0)
+        self.last_terms: dict[str, float] = {}
 
     def _direction(self, grad, src_img, dst_img, src_lab, dst_lab) -> dict[str, torch.Tensor]:
         """grad (B, S, 3, H, W, D); images (B, C, H, W, D); labels (B, 1, H, W, D) integer or None."""
@@ -135,7 +136,11 @@ class SymmetricRegistrationLoss(nn.Module):
         return out
 
     def forward(self, pred: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.terms(pred, batch)["loss"]
+        """The weighted total (what ``SupervisedTrainer`` back-propagates); every term of this call is
+        kept in ``last_terms`` as plain numbers, for the loss curves (train.json's StatsHandler)."""
+        terms = self.terms(pred, batch)
+        self.last_terms = {k: v.item() for k, v in terms.items()}
+        return terms["loss"]
 
 
 class PartialLabelDiceLoss(nn.Module):
@@ -159,9 +164,12 @@ class PartialLabelDiceLoss(nn.Module):
             include_background=True, to_onehot_y=True, softmax=softmax, reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr
         )
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target, mask: torch.Tensor | None = None) -> torch.Tensor:
         """logits (B, C, H, W, D) (probabilities with ``softmax=False``), target (B, 1, H, W, D)
-        organ ids, mask (B, C): 1 for the organs the sample's cohort annotates."""
+        organ ids, mask (B, C): 1 for the organs the sample's cohort annotates. ``target`` may also be
+        the dict ``{"label", "mask"}`` (what ``scripts.workflow.PrepareMasked`` gives ``SupervisedTrainer``)."""
+        if mask is None:
+            target, mask = target["label"], target["mask"]
         per = self.dice(logits, target).reshape(logits.shape[0], logits.shape[1])
         mask = torch.as_tensor(mask, dtype=per.dtype, device=per.device).reshape(per.shape).clone()
         mask[:, 0] = 0

@@ -24,9 +24,11 @@ the cohort's ORIGINAL label ids (the cohort's mapping is applied at training tim
 
 ``scripts.cohorts.load_cohorts("DIR/cohorts.json")`` reads the result directly. A first pass
 checks everything (cohort declarations, files, label ids against the mappings, 3-D images in
-Hounsfield units, label grids, case names) before anything is written; the second pass writes
-case by case into a temporary folder next to DIR, renamed to DIR when complete. The input files
-are only read.
+Hounsfield units, label grids, case names, the grid's size and memory) before anything is written;
+the output folder is checked (absent or empty unless ``--overwrite``, writable) before anything is
+read. The second pass writes case by case into a staging folder next to DIR, published as DIR when
+complete (``scripts.files.staged_dir``; with ``--overwrite`` the old DIR is replaced only then), with
+the umask's permissions. The input files are only read.
 """
 
 from __future__ import annotations
@@ -35,10 +37,9 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
+from functools import partial
 
 import itk
 import numpy as np
@@ -46,6 +47,7 @@ import numpy as np
 from scripts import cohorts as cohort_lib
 from scripts import ct_pair
 from scripts.cohorts import CohortError, check_label_ids, cohort_cases, load_cohorts
+from scripts.files import check_output_dir, staged_dir
 from scripts.learn2reg import DatasetError
 
 __all__ = ["ALIGN_KINDS", "case_name", "check_cohorts", "list_cases", "prepare_cohorts"]
@@ -116,8 +118,7 @@ def check_cohorts(cohorts, reference: str, align: str = "translation", spacing: 
     is a list of (cohort dict, [case dicts with ``name``])."""
     if align not in ALIGN_KINDS:
         raise ValueError(f"align must be one of {', '.join(ALIGN_KINDS)}, got {align!r}")
-    if not spacing > 0:
-        raise ValueError(f"spacing must be positive, got {spacing}")
+    ct_pair.check_grid_args(spacing, "RAS", size)
     normalised = load_cohorts(cohorts)
     plan = []
     for cohort in normalised:
@@ -140,7 +141,7 @@ def check_cohorts(cohorts, reference: str, align: str = "translation", spacing: 
         check_label_ids(cohort, cases)
         plan.append((cohort, cases))
     ref = ct_pair.read_image(reference)
-    grid = ct_pair.common_grid(ref, spacing, "RAS", 16, size)
+    grid = ct_pair.common_grid(ref, spacing, "RAS", 16, size, name=reference)
     for cohort, cases in plan:
         start = time.time()
         for c in cases:
@@ -154,34 +155,8 @@ def check_cohorts(cohorts, reference: str, align: str = "translation", spacing: 
     return ref, grid, plan
 
 
-class _staged_replace(ct_pair._staged_dir):
-    """``ct_pair._staged_dir``; with ``overwrite`` a non-empty ``path`` is replaced (removed only
-    once the new folder is complete)."""
-
-    def __init__(self, path: str, overwrite: bool = False) -> None:
-        self.replace = overwrite and os.path.isdir(path) and bool(os.listdir(path))
-        if not self.replace:
-            super().__init__(path)
-            return
-        parent = os.path.dirname(os.path.abspath(path))
-        self.path, self.tmp = path, tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None or not self.replace:
-            return super().__exit__(exc_type, exc, tb)
-        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(self.tmp))
-        os.rmdir(old)
-        os.rename(self.path, old)
-        os.replace(self.tmp, self.path)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _check_out_dir(out_dir: str, overwrite: bool, inputs: list[str]) -> None:
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise FileExistsError(f"output folder {out_dir} is a file")
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        if not overwrite:
-            raise FileExistsError(f"output folder {out_dir} already exists and is not empty (use --overwrite to replace it)")
+def _check_inputs_outside(out_dir: str, inputs: list[str], overwrite: bool) -> None:
+    if overwrite and os.path.isdir(out_dir):  # the folder's whole content is replaced
         for path in inputs:
             if _inside(path, out_dir):
                 raise ValueError(f"--overwrite would delete the input {path}, which lies inside {out_dir}")
@@ -208,27 +183,27 @@ def prepare_cohorts(
     JSON file or a list of cohort dicts. Returns a summary: ``grid_size``, per cohort its
     ``cases`` and the ``missing_ids`` (declared label ids found in no prepared label map: cropped
     by the grid), and the ``seconds`` per case."""
+    check_output_dir(out_dir, overwrite)
     raw = cohorts
     if isinstance(cohorts, str):
         load_cohorts(cohorts)  # its message for an unreadable file
         with open(cohorts) as f:
             raw = json.load(f)
-    if os.path.exists(out_dir) and not overwrite:
-        _check_out_dir(out_dir, overwrite, [])  # fail fast, before the (long) checks
     ref, grid, plan = check_cohorts(cohorts, reference, align, spacing, size)
     inputs = [reference] + ([cohorts] if isinstance(cohorts, str) else [])
     inputs += [c[k] for _, cases in plan for c in cases for k in ("image", "label") if k in c]
-    _check_out_dir(out_dir, overwrite, inputs)
+    _check_inputs_outside(out_dir, inputs, overwrite)
 
     total = sum(len(cases) for _, cases in plan)
     summary = {"grid_size": [int(x) for x in itk.size(grid)], "cohorts": {}, "seconds": []}
     done = 0
-    with _staged_replace(out_dir, overwrite) as tmp:
+    with staged_dir(out_dir, overwrite) as tmp:
+
+        def write(rel: str, writer) -> None:  # a failure names out_dir/rel, not the staging folder
+            ct_pair.write_output(tmp, out_dir, rel, writer)
+
         for (cohort, cases), spec in zip(plan, raw):
             name = cohort["name"]
-            folder = os.path.join(tmp, name)
-            for sub in ("imagesTr", "labelsTr", "transforms"):
-                os.makedirs(os.path.join(folder, sub))
             entries, found = [], set()
             for c in cases:
                 start = time.time()
@@ -240,14 +215,14 @@ def prepare_cohorts(
                 if float(values.max()) == float(values.min()):
                     raise _no_overlap(c["image"], reference, align)
                 entry = {"image": f"imagesTr/{c['name']}.nii.gz"}
-                ct_pair._write(_hu_int16(moved), os.path.join(folder, entry["image"]))
+                write(f"{name}/{entry['image']}", partial(ct_pair.write_image, _hu_int16(moved)))
                 if label is not None:
                     moved_label = ct_pair._resample(label, grid, transform, nearest=True, default=0)
                     found |= {int(v) for v in np.unique(itk.array_view_from_image(moved_label))} - {0}
                     entry["label"] = f"labelsTr/{c['name']}.nii.gz"
-                    ct_pair._write(moved_label, os.path.join(folder, entry["label"]))
+                    write(f"{name}/{entry['label']}", partial(ct_pair.write_image, moved_label))
                 entry["transform"] = f"transforms/{c['name']}.tfm"
-                itk.transformwrite([transform], os.path.join(folder, entry["transform"]))
+                write(f"{name}/{entry['transform']}", partial(ct_pair.write_transform, transform))
                 entry["source_image"] = c["image"]
                 if label is not None:
                     entry["source_label"] = c["label"]
@@ -261,8 +236,7 @@ def prepare_cohorts(
                 "name": name, "reference": os.path.abspath(reference), "align": align, "spacing": float(spacing),
                 "orientation": "RAS", "grid_size": summary["grid_size"], "training": entries,
             }  # fmt: skip
-            with open(os.path.join(folder, "dataset.json"), "w") as f:
-                json.dump(index, f, indent=1)
+            write(f"{name}/dataset.json", partial(ct_pair.write_json, index))
             missing = sorted(set(cohort["labels"]) - found)
             if missing and any("label" in c for c in cases):
                 print(
@@ -276,8 +250,7 @@ def prepare_cohorts(
              **{k: spec[k] for k in ("labels", "annotated") if k in spec}}
             for (cohort, _), spec in zip(plan, raw)
         ]  # fmt: skip
-        with open(os.path.join(tmp, "cohorts.json"), "w") as f:
-            json.dump(declared, f, indent=1)
+        write("cohorts.json", partial(ct_pair.write_json, declared))
     return summary
 
 
@@ -295,7 +268,7 @@ def main(argv=None) -> int:
     start = time.time()
     try:
         summary = prepare_cohorts(args.cohorts, args.reference, args.out_dir, args.align, args.spacing, args.size, args.overwrite)
-    except (DatasetError, CohortError, FileExistsError, ValueError) as e:
+    except (ValueError, OSError) as e:  # DatasetError, CohortError; FileExistsError, PermissionError, a failed write
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = len(summary["seconds"])

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from scripts.ct_pair import HU_MAX_MINIMUM, check_hounsfield
 
-__all__ = ["CheckImageLabeld", "CheckHounsfieldd", "CheckDivisibled"]
+
+__all__ = ["CheckImageLabeld", "CheckHounsfieldd", "CheckDivisibled", "ToImageGridd", "pad_offsets"]
 
 
 def _name(x) -> str:
@@ -74,27 +77,21 @@ class CheckImageLabeld(MapTransform):
 
 
 class CheckHounsfieldd(MapTransform):
-    """Refuses a CT image whose values are not Hounsfield units, naming the file.
-
-    Air is about -1000 HU and every abdominal CT contains some (outside the body, in the bowel); an
-    image with no voxel below ``max_minimum`` (default -500) has almost certainly not been rescaled
-    (DICOM RescaleSlope / RescaleIntercept, NIfTI scl_slope / scl_inter), and its CT windows would
-    be meaningless. Runs after ``LoadImaged`` + ``EnsureChannelFirstd``.
+    """Refuses a CT image whose values are not Hounsfield units, naming the file: no voxel below
+    ``max_minimum`` (default -500; air is about -1000 HU and every abdominal CT holds some), so it
+    has not been rescaled (DICOM RescaleSlope / RescaleIntercept, NIfTI scl_slope / scl_inter) and its
+    CT windows would be meaningless. The check of ``scripts.ct_pair.check_hounsfield``, which
+    ``ct_pair`` also applies when it reads a scan. Runs after ``LoadImaged`` + ``EnsureChannelFirstd``.
     """
 
-    def __init__(self, keys="image", max_minimum: float = -500.0, allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys="image", max_minimum: float = HU_MAX_MINIMUM, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.max_minimum = float(max_minimum)
 
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            low, high = float(torch.as_tensor(d[key]).min()), float(torch.as_tensor(d[key]).max())
-            if low > self.max_minimum:
-                raise ValueError(
-                    f"{_name(d[key])}: values {low:g}..{high:g} do not look like Hounsfield units (no voxel below "
-                    f"{self.max_minimum:g}; air is about -1000 HU): apply the rescale slope/intercept first"
-                )
+            check_hounsfield(d[key], _name(d[key]), self.max_minimum)
         return d
 
 
@@ -117,3 +114,67 @@ class CheckDivisibled(MapTransform):
                 )
         return d
 
+
+
+_PADS = ("SpatialPad", "DivisiblePad", "BorderPad")
+
+
+def pad_offsets(image) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Where the original image lies in a padded one: (voxels added before each spatial axis, the
+    original spatial shape), read from the pad records MONAI keeps in ``image.applied_operations``
+    (``SpatialPadd``, ``DivisiblePadd``, ``BorderPadd``). An image with no record was not padded.
+    Any other spatial operation (crop, resampling) cannot be undone this way and is refused."""
+    ops = list(getattr(image, "applied_operations", None) or [])
+    offset = np.zeros(image.ndim - 1, dtype=int)
+    for op in ops:
+        padded = (op.get("extra_info") or {}).get("padded")
+        if op.get("class") not in _PADS or padded is None:
+            raise ValueError(f"{_name(image)}: {op.get('class')} cannot be undone by cropping; only padding is supported here")
+        offset += np.array([before for before, _ in padded[1:]], dtype=int)
+    shape = tuple(int(s) for s in ops[0]["orig_size"]) if ops else tuple(image.shape[1:])
+    return offset, shape
+
+
+class ToImageGridd(MapTransform):
+    """Puts registration outputs computed on the padded common grid back on an image's own grid.
+
+    Preprocessing pads both images of a pair (``SpatialPadd`` to the network's field of view, then
+    ``DivisiblePadd`` to a multiple of 16); the network's field and the warped images live on that
+    padded grid. For the reference image (``grid_key``, the fixed image for moving->fixed outputs):
+
+    - ``images`` (C, H', W', D') are cropped to the reference's own (H, W, D);
+    - ``fields`` (3, H', W', D'), displacements in voxels that sample the OTHER image
+      (``other_key``), are cropped the same way and shifted by (reference pad - other pad), so that
+      they index the other image's own array: ``x + u(x)`` in the reference's voxels lands at the
+      other image's voxel, as the Learn2Reg evaluation reads it. Pairs padded alike (both images of
+      one size) need no shift.
+
+    Every output gets the reference's metadata with the affine of its own grid, its padding records
+    removed, its ``key`` and ``fixed_id`` / ``moving_id`` from the data (``scripts.learn2reg.OutputName``
+    makes the output file names from them).
+    Missing keys are skipped (``ddf_fixed_to_moving`` exists only when asked for).
+    """
+
+    def __init__(self, images=(), fields=(), grid_key: str = "fixed_image", other_key: str = "moving_image") -> None:
+        super().__init__([*images, *fields], allow_missing_keys=True)
+        self.images, self.fields = tuple(images), tuple(fields)
+        self.grid_key, self.other_key = grid_key, other_key
+
+    def __call__(self, data):
+        d = dict(data)
+        ref = d[self.grid_key]
+        offset, shape = pad_offsets(ref)
+        shift = torch.as_tensor(offset - pad_offsets(d[self.other_key])[0], dtype=torch.float32)
+        crop = (slice(None),) + tuple(slice(o, o + s) for o, s in zip(offset, shape))
+        affine = torch.as_tensor(ref.affine, dtype=torch.float64).clone()
+        affine[:3, 3] = affine[:3, :3] @ torch.as_tensor(offset, dtype=torch.float64) + affine[:3, 3]
+        for key in self.key_iterator(d):
+            value = torch.as_tensor(d[key])
+            value = value.as_tensor() if isinstance(value, MetaTensor) else value
+            value = value[crop].contiguous()
+            if key in self.fields:
+                value = value + shift.to(value.device).view(-1, 1, 1, 1)
+            ids = {"fixed_id": str(d.get("fixed_id")), "moving_id": str(d.get("moving_id"))}
+            meta = {**ref.meta, "affine": affine, "key": key, **ids}
+            d[key] = MetaTensor(value, meta=meta)
+        return d

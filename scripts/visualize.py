@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-__all__ = ["pair_figure"]
+__all__ = ["SavePairFigured", "pair_figure"]
 
 
 def _grid_lines(ax, ddf2d: np.ndarray, step: int) -> None:
@@ -65,3 +68,33 @@ def pair_figure(moving, fixed, warped, ddf, fixed_label=None, warped_label=None,
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 0.92 if title else 1))
     return fig
+
+
+class SavePairFigured:
+    """Postprocessing step of configs/inference.json: saves ``figure_<fixed>_<moving>.png`` (see
+    ``pair_figure``) of one decollated pair into ``output_dir`` and returns the data unchanged.
+
+    Reads ``moving_image``, ``fixed_image``, ``warped_image`` (C, H, W, D), ``ddf`` (3, H, W, D) and,
+    when present, the one-hot fixed ``label`` and the integer ``warped_label``; all on the common
+    (padded) grid the network saw, so it runs before ``scripts.transforms.ToImageGridd``.
+    ``enabled=False`` makes it a no-op (``--figures False``)."""
+
+    def __init__(self, output_dir: str, enabled: bool = True, dpi: int = 80) -> None:
+        self.output_dir, self.enabled, self.dpi = output_dir, bool(enabled), int(dpi)
+
+    def __call__(self, data: dict) -> dict:
+        if not self.enabled:
+            return data
+        arr = lambda k: torch.as_tensor(data[k]).detach().cpu().numpy()  # noqa: E731
+        labels = {}
+        if "label" in data and "warped_label" in data:
+            labels = {"fixed_label": arr("label").argmax(0), "warped_label": arr("warped_label")[0]}
+        f_id, m_id = data["fixed_id"], data["moving_id"]
+        fig = pair_figure(
+            arr("moving_image")[0], arr("fixed_image")[0], arr("warped_image")[0], arr("ddf"),
+            title=f"fixed {f_id}, moving {m_id}", **labels,
+        )
+        os.makedirs(self.output_dir, exist_ok=True)
+        fig.savefig(os.path.join(self.output_dir, f"figure_{f_id}_{m_id}.png"), dpi=self.dpi)
+        plt.close(fig)
+        return data

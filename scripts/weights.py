@@ -1,22 +1,28 @@
-"""Fetch and verify the bundle's weight files listed in ``large_files.yml``; average checkpoints.
+"""The bundle's weight files: verified downloads of the files listed in ``large_files.yml``, and safe
+checkpoint loading (``torch.load(..., weights_only=True)`` with errors that name the file and the problem).
 
 Usage (from the bundle folder)::
 
     python -m scripts.weights download                          # every entry of large_files.yml
     python -m scripts.weights download --path models/model.pt   # one entry
     python -m scripts.weights download --path models/model.pt --url_override https://mirror/model.pt
+    python -m scripts.weights download --max_seconds 600 --max_bytes 500000000   # limits (see download)
     python -m scripts.weights hash models/model.pt              # the sha256 to put in large_files.yml
-    python -m scripts.weights average a.pt b.pt c.pt --out avg.pt   # checkpoint averaging
 
-Every file is streamed to a temporary file next to its destination, its sha256 is checked against
-``hash_val`` and only then is it renamed to its final name, so a failed, interrupted or tampered
-download never leaves a file (or replaces a good one) under the final name. A file already present
-with the right hash is not downloaded again. An entry without ``hash_val`` is refused: nothing is
-ever installed unverified.
+Checkpoint averaging is ``python -m scripts.averaging`` (scripts/averaging.py).
 
-MONAI's own ``python -m monai.bundle download_large_files --bundle_path .`` reads the same file, but in
-MONAI 1.6.1 it downloads without any check when ``hash_val`` is empty, raises on an existing file
-with a wrong hash instead of replacing it, and crashes with ``--large_file_name`` (see docs/tooling.md).
+Downloads: every selected entry must give a sha256 ``hash_val`` (checked for all of them before anything
+is downloaded: nothing is ever installed unverified). Each file is streamed to a temporary file next to
+its destination (``models/.tmp-<pid>-...``), its sha256 compared with ``hash_val``, and only then renamed
+to its final name with the umask's permissions, so a failed, interrupted or tampered download never
+leaves a file (or replaces a good one) under the final name. A file already present with the right hash
+is not downloaded again. A download is stopped when it takes longer than ``max_seconds`` in all or
+exceeds ``max_bytes`` (refused before the body is read when the server announces a larger
+Content-Length); the temporary files that killed downloads left behind are removed first.
+
+MONAI's own ``python -m monai.bundle download_large_files --bundle_path .`` reads the same file (keep its
+entries to ``path``, ``url``, ``hash_val``, ``hash_type``: MONAI passes every key to ``download_url``),
+but see docs/tooling.md for what it does not guarantee.
 """
 
 from __future__ import annotations
@@ -24,29 +30,42 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import sys
-import tempfile
+import threading
 import urllib.error
 import urllib.request
+import zipfile
+from typing import BinaryIO
 
 import torch
 import yaml
 from monai.handlers import CheckpointLoader as _MonaiCheckpointLoader
 
+from scripts.files import atomic_path, check_output_dir, remove_stale, sha256_of
+
 __all__ = [
     "CheckpointError",
     "CheckpointLoader",
+    "MAX_BYTES",
+    "MAX_SECONDS",
     "WeightsError",
+    "check_checkpoint",
     "download",
     "fetch",
     "hash_file",
     "load_pretrained",
     "read_large_files",
+    "read_state_dict",
     "sha256_of",
 ]
 
 CHUNK = 1 << 20
 SUPPORTED_HASH = "sha256"
+MAX_BYTES = 2 << 30  # 2 GiB: far above any weight file of this bundle, far below a disk-filling stream
+MAX_SECONDS = 3600.0
+# torch.save's legacy (non-zip) format starts with its magic number pickled with protocol 2.
+_LEGACY_HEADER = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
 
 
 class WeightsError(RuntimeError):
@@ -57,39 +76,88 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
 
+# --------------------------------------------------------------------------------------------------
+# Checkpoint loading
+
+
+def _not_a_checkpoint(path: str) -> str | None:
+    """Why ``path`` is not a checkpoint written by ``torch.save`` at all, judged from its container (a zip
+    archive with a ``data.pkl``, or the legacy format's header); None when it looks like one."""
+    if os.path.getsize(path) == 0:
+        return "not a PyTorch checkpoint: the file is empty"
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"not a PyTorch checkpoint: a corrupt zip archive ({e})"
+        if any(n.endswith("/constants.pkl") for n in names):
+            return "a TorchScript export (model.ts), not a checkpoint: give the .pt file it was exported from"
+        if not any(n.endswith("data.pkl") for n in names):
+            return "not a PyTorch checkpoint: a zip archive that torch.save did not write"
+        return None
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_HEADER))
+    if head.startswith(b"PK"):
+        return "not a PyTorch checkpoint: a truncated or corrupt zip archive (an interrupted write or download?)"
+    if head != _LEGACY_HEADER:
+        return (
+            "not a PyTorch checkpoint: neither the zip archive nor the legacy file that torch.save writes "
+            "(random bytes, text, another format?)"
+        )
+    return None
+
+
+def _load_error(path: str, error: BaseException) -> CheckpointError:
+    """The one-line ``CheckpointError`` for ``error``, raised while loading the checkpoint ``path``.
+
+    torch's own messages do not say which file it was, and ``weights_only=True`` reports random bytes
+    and pickled Python objects alike as "Weights only load failed": the file's container tells them apart.
+    """
+    if not os.path.exists(path):
+        return CheckpointError(f"{path}: checkpoint not found")
+    if os.path.isdir(path):
+        return CheckpointError(f"{path}: is a folder, not a checkpoint file")
+    try:
+        why = _not_a_checkpoint(path)
+    except OSError as e:
+        return CheckpointError(f"{path}: cannot read this checkpoint: {e}")
+    if why:
+        return CheckpointError(f"{path}: {why}")
+    message = str(error)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    if isinstance(error, pickle.UnpicklingError) and refused:
+        return CheckpointError(
+            f"{path}: refused by torch.load(weights_only=True): the file holds pickled Python objects, not only "
+            f"tensors (it needs {refused.group(1)}); save a plain state dict: torch.save(model.state_dict(), path)"
+        )
+    # e.g. the size-mismatch lines of strict loading, or a zip archive with damaged members
+    return CheckpointError(f"{path}: cannot load this checkpoint: {' '.join(message.split())}")
+
+
 class CheckpointLoader(_MonaiCheckpointLoader):
     """MONAI's ``CheckpointLoader`` (``torch.load(..., weights_only=True)``, strict by default) whose
-    errors name the checkpoint file.
-
-    torch's own messages for a file that holds pickled Python objects ("Weights only load failed ...
-    Unsupported global") or a corrupt zip archive do not say which file it was. The original error
-    is kept as the cause and its text is repeated (e.g. the ``size mismatch`` lines of a checkpoint
-    of another architecture).
+    errors are one ``CheckpointError`` line naming the checkpoint file and the problem: not found, not
+    a PyTorch checkpoint at all, pickled Python objects refused, or the loading error (e.g. the
+    ``size mismatch`` lines of a checkpoint of another architecture). The original error is the cause.
     """
 
     def __call__(self, engine) -> None:
         try:
             super().__call__(engine)
-        except pickle.UnpicklingError as e:
-            reason = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line), "")
-            raise CheckpointError(
-                f"{self.load_path}: refused by torch.load(weights_only=True): the file holds pickled Python "
-                f"objects, not only tensors (save a plain state dict: torch.save(model.state_dict(), path)). {reason}"
-            ) from e
         except Exception as e:
-            raise CheckpointError(f"{self.load_path}: cannot load this checkpoint: {e}") from e
+            raise _load_error(self.load_path, e) from e
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The network weights stored in ``path``: a plain state dict, or the ``model`` entry of a
     resumable checkpoint; ``module.`` prefixes (DistributedDataParallel) removed. Raises
-    ``CheckpointError`` naming the file if it is missing or holds no state dict."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: checkpoint not found")
+    ``CheckpointError`` naming the file if it is missing, not a PyTorch checkpoint, holds pickled
+    Python objects or holds no state dict."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint of tensors ({e})") from e
+        raise _load_error(path, e) from e
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -99,41 +167,21 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def average(*paths: str, out: str) -> str:
-    """Checkpoint averaging: writes to ``out`` the plain state dict whose every tensor is the mean of
-    that tensor over ``paths`` (plain state dicts or resumable checkpoints, e.g. the last epochs of a
-    constant-learning-rate run, as in stochastic weight averaging). All files must hold the same
-    tensors with the same shapes; a file that does not is named in the error and nothing is written.
-    ``out`` is written under a temporary name and renamed when complete. Returns ``out``.
+def check_checkpoint(path: str, train_config: str = "configs/train.json") -> str:
+    """Refuses, in one line naming the file, a checkpoint the run could not load, before any work is
+    done (for a config's ``initialize``): missing (saying how to get one: ``train_config`` is the
+    config that trains it), not a PyTorch checkpoint, holding pickled Python objects, or holding no
+    state dict. Returns ``path``.
 
-    The networks here have no batch-norm running statistics (instance norm without them), so the
-    averaged weights need no recalibration pass."""
-    if len(paths) < 2:
-        raise CheckpointError("average needs at least two checkpoints")
-    states = [read_state_dict(p) for p in paths]
-    ref = states[0]
-    for p, state in zip(paths[1:], states[1:]):
-        if set(state) != set(ref) or any(state[k].shape != ref[k].shape for k in ref):
-            raise CheckpointError(f"{p}: holds other tensors or shapes than {paths[0]}; only checkpoints of one architecture can be averaged")
-    for k, v in ref.items():
-        if not v.is_floating_point() and any(not torch.equal(s[k], v) for s in states[1:]):
-            raise CheckpointError(f"{k}: a non-float tensor that differs between the checkpoints cannot be averaged")
-    mean = {
-        k: (torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v.clone())
-        for k, v in ref.items()
-    }
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(mean, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    print(f"{out}: mean of {len(paths)} checkpoints")
-    return out
+    Whether its tensors fit the configured network is checked when it is loaded (strict loading)."""
+    if not os.path.exists(path):
+        raise CheckpointError(
+            f"{path}: checkpoint not found. Train one ({train_config} with the same config files as this run, "
+            "see docs/README.md), fetch it with python -m scripts.weights download if large_files.yml lists it, "
+            "or pass --ckpt_path <file>"
+        )
+    read_state_dict(path)
+    return path
 
 
 def load_pretrained(network: torch.nn.Module, path: str | None) -> torch.nn.Module:
@@ -180,9 +228,13 @@ def load_pretrained(network: torch.nn.Module, path: str | None) -> torch.nn.Modu
     return network
 
 
+# --------------------------------------------------------------------------------------------------
+# Verified downloads
+
+
 def read_large_files(bundle_root: str = ".", large_files: str = "large_files.yml") -> list[dict]:
     """The entries of ``large_files.yml`` (relative to ``bundle_root``), each checked for
-    ``path``, ``url``, ``hash_val`` and ``hash_type``."""
+    ``path`` and ``url``, with a path inside the bundle."""
     index = large_files if os.path.isabs(large_files) else os.path.join(bundle_root, large_files)
     try:
         with open(index) as f:
@@ -200,14 +252,6 @@ def read_large_files(bundle_root: str = ".", large_files: str = "large_files.yml
     return entries
 
 
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _expected_hash(entry: dict) -> str:
     hash_type = str(entry.get("hash_type") or SUPPORTED_HASH).lower()
     if hash_type != SUPPORTED_HASH:
@@ -221,44 +265,116 @@ def _expected_hash(entry: dict) -> str:
     return expected
 
 
-def fetch(entry: dict, bundle_root: str = ".", url: str | None = None, timeout: float = 60.0) -> str:
+class _Refused(Exception):
+    """A download stopped by ``_transfer`` itself (size cap, short body); the message says why."""
+
+
+def _transfer(url: str, out: BinaryIO, timeout: float, max_bytes: int, stop: threading.Event, state: dict) -> None:
+    """Writes the body of ``url`` into the open file ``out``: ``state["sha256"]`` when complete, else
+    the exception in ``state["error"]``; ``state["size"]`` counts the bytes received. Ends without
+    writing more once ``stop`` is set."""
+    digest = hashlib.sha256()
+    state["size"] = 0
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            try:
+                announced = int(response.headers.get("Content-Length"))
+            except (TypeError, ValueError):  # absent (chunked or close-delimited body) or malformed
+                announced = None
+            if announced is not None and announced > max_bytes:
+                raise _Refused(f"refused: the server announces {announced} bytes, more than --max_bytes {max_bytes}")
+            # read1: at most one system call per block, so that stop is seen after every few bytes.
+            while not stop.is_set() and (block := response.read1(CHUNK)):
+                state["size"] += len(block)
+                if state["size"] > max_bytes:
+                    raise _Refused(f"stopped: more than --max_bytes {max_bytes} bytes")
+                digest.update(block)
+                out.write(block)
+            if announced is not None and state["size"] != announced and not stop.is_set():
+                raise _Refused(f"incomplete: the connection closed after {state['size']} of {announced} bytes")
+        state["sha256"] = digest.hexdigest()
+    except Exception as e:
+        state["error"] = e
+
+
+def _stream(url: str, name: str, tmp: str, timeout: float, max_seconds: float, max_bytes: int) -> str:
+    """Writes the body of ``url`` into the file ``tmp`` within ``max_seconds`` and returns its sha256.
+    Every error is a ``WeightsError`` naming ``name`` (the entry's path) and the URL.
+
+    MONAI's ``monai.apps.utils.download_url`` is not used for the transfer: it calls ``urlretrieve``
+    without any timeout (a stalled server blocks it forever) and has no size cap, so it can give
+    neither the deadline nor ``max_bytes``; it also downloads into the system temporary folder (where
+    ``remove_stale`` cannot find what a killed run left) and moves the file with ``shutil.move`` (a
+    copy, not an atomic rename, across file systems).
+    """
+
+    def failed(problem: str) -> WeightsError:
+        return WeightsError(f"{name}: download of {url} {problem}")
+
+    state: dict = {}
+    stop = threading.Event()
+    # The transfer runs in a worker thread so that the deadline holds in every phase: the socket
+    # timeout applies per read, and a server trickling its bytes (or its response headers, on which
+    # urlopen blocks) would never trigger it. At the deadline the worker is abandoned; it stops at its
+    # next read or socket timeout without writing anything more. The file is opened (and closed) here,
+    # so that an abandoned worker can never create it again once atomic_path has removed it.
+    with open(tmp, "wb") as out:
+        worker = threading.Thread(target=_transfer, args=(url, out, timeout, max_bytes, stop, state), daemon=True)
+        worker.start()
+        worker.join(max_seconds)
+        if worker.is_alive():
+            stop.set()
+            received = state.get("size", 0)
+            raise failed(f"stopped: not complete after --max_seconds {max_seconds:g} ({received} bytes received)")
+    error = state.get("error")
+    if isinstance(error, _Refused):
+        raise failed(str(error))
+    if isinstance(error, urllib.error.HTTPError):
+        raise failed(f"failed: HTTP {error.code} {error.reason}") from error
+    if isinstance(error, TimeoutError):
+        raise failed(f"failed: no data for --timeout {timeout:g} seconds") from error
+    if error is not None:  # URLError, http.client.HTTPException, OSError, ValueError (a malformed URL)
+        raise failed(f"failed: {error}") from error
+    return state["sha256"]
+
+
+def fetch(
+    entry: dict,
+    bundle_root: str = ".",
+    url: str | None = None,
+    timeout: float = 60.0,
+    max_seconds: float = MAX_SECONDS,
+    max_bytes: int = MAX_BYTES,
+) -> str:
     """Makes ``entry['path']`` (under ``bundle_root``) a verified copy of ``url`` (default: ``entry['url']``).
 
     Returns "present" when the file already had the right hash, "downloaded" otherwise. Raises
     ``WeightsError`` (naming the file, the URL and, on a mismatch, the expected and actual hashes)
-    on an HTTP / network error or a hash mismatch; then nothing is written and a file already at the
-    destination is left as it was.
+    on an HTTP / network error, a download longer than ``max_seconds`` or larger than ``max_bytes``,
+    or a hash mismatch; then nothing is written and a file already at the destination is left as it
+    was. Temporary files of killed downloads in the destination folder are removed first.
     """
     expected = _expected_hash(entry)
     dest = os.path.join(bundle_root, entry["path"])
     url = url or entry["url"]
+    if os.path.isdir(dest):
+        raise WeightsError(f"{entry['path']}: {dest} is a folder")
     if os.path.isfile(dest) and sha256_of(dest) == expected:
         return "present"
     folder = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(dest), dir=folder)
     try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
-                    for block in iter(lambda: response.read(CHUNK), b""):
-                        digest.update(block)
-                        out.write(block)
-            except urllib.error.HTTPError as e:
-                raise WeightsError(f"{entry['path']}: download of {url} failed: HTTP {e.code} {e.reason}") from e
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                raise WeightsError(f"{entry['path']}: download of {url} failed: {e}") from e
-        actual = digest.hexdigest()
+        check_output_dir(folder)
+    except OSError as e:
+        raise WeightsError(f"{entry['path']}: {e}") from e
+    os.makedirs(folder, exist_ok=True)
+    remove_stale(folder)
+    with atomic_path(dest) as tmp:
+        actual = _stream(url, entry["path"], tmp, timeout, max_seconds, max_bytes)
         if actual != expected:
             raise WeightsError(
                 f"{entry['path']}: sha256 of the file downloaded from {url} does not match large_files.yml: "
                 f"expected {expected}, got {actual}; nothing was written"
             )
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return "downloaded"
 
 
@@ -268,6 +384,8 @@ def download(
     bundle_root: str = ".",
     large_files: str = "large_files.yml",
     timeout: float = 60.0,
+    max_seconds: float = MAX_SECONDS,
+    max_bytes: int = MAX_BYTES,
 ) -> dict[str, str]:
     """Fetches every entry of ``large_files.yml`` (or the one whose ``path`` is ``path``).
 
@@ -278,8 +396,12 @@ def download(
         bundle_root: the bundle folder; paths in large_files.yml are relative to it.
         large_files: the index file, relative to ``bundle_root``.
         timeout: seconds without data before giving up.
+        max_seconds: seconds one file's download may take in all (checked after every read, so it
+            ends at most ``timeout`` seconds later).
+        max_bytes: the largest file accepted.
 
-    Returns {path: "present" | "downloaded"}.
+    Every selected entry's hash is checked before anything is downloaded. Returns
+    {path: "present" | "downloaded"}.
     """
     entries = read_large_files(bundle_root, large_files)
     if path is not None:
@@ -289,9 +411,14 @@ def download(
             raise WeightsError(f"{path}: not listed in {large_files}")
     if url_override and len(entries) > 1:
         raise WeightsError("--url_override needs --path: it would apply to several files")
+    for option, value in (("timeout", timeout), ("max_seconds", max_seconds), ("max_bytes", max_bytes)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise WeightsError(f"--{option} must be a positive number, got {value!r}")
+    for entry in entries:
+        _expected_hash(entry)
     done = {}
     for entry in entries:
-        done[entry["path"]] = fetch(entry, bundle_root, url_override, timeout)
+        done[entry["path"]] = fetch(entry, bundle_root, url_override, timeout, max_seconds, int(max_bytes))
         print(f"{entry['path']}: {done[entry['path']]} (sha256 verified)")
     return done
 
@@ -306,10 +433,11 @@ def hash_file(path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (see the module docstring); errors are one line on stderr and exit code 1."""
     import fire
 
     try:
-        fire.Fire({"download": download, "hash": hash_file, "average": average}, command=argv, serialize=lambda _: None)
+        fire.Fire({"download": download, "hash": hash_file}, command=argv, serialize=lambda _: None)
     except (WeightsError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

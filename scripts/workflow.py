@@ -1,11 +1,11 @@
-"""Iteration functions that plug the pair registration step into MONAI's Ignite engines.
+"""The pieces that plug pair registration into MONAI's Ignite engines.
 
-MONAI's ``SupervisedTrainer`` / ``SupervisedEvaluator`` assume one input and one target; a
-registration pair has two images and two label maps, and the loss reports several terms. These
-callables are passed as ``iteration_update`` and keep everything else (handlers, metrics, DDP,
-checkpoints, events) MONAI's. Like MONAI's own iterations they set ``engine.state.output`` and
-fire ``IterationEvents``; MONAI decollates the batch and runs ``postprocessing`` on
-``MODEL_COMPLETED``.
+Training uses ``SupervisedTrainer``'s own iteration (AMP, gradient accumulation and every Ignite
+event included): ``PreparePair`` turns a collated pair batch into the network input and the loss
+targets, and the loss takes ``(pred, targets)``. Evaluation needs two images in, a warped label map
+and a displacement field out: ``RegistrationEvalStep`` is the evaluator's ``iteration_update``; like
+MONAI's own iterations it sets ``engine.state.output`` and fires ``IterationEvents``, and MONAI then
+decollates the batch and runs ``postprocessing`` on ``MODEL_COMPLETED``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
+from monai.data import MetaTensor
 from monai.data.utils import set_rnd
 from monai.engines.utils import IterationEvents
 from monai.networks.utils import one_hot
@@ -24,123 +25,131 @@ from monai.utils import set_determinism
 
 from scripts.deformation import warp_image, warp_labels_nearest
 
-__all__ = ["EpochSeed", "RegistrationEvalStep", "RegistrationTrainStep", "SegmentationTrainStep", "lr_lambda", "pair_to_device"]
+__all__ = ["EpochSeed", "PrepareMasked", "PreparePair", "RegistrationEvalStep", "lr_lambda", "pair_to_device"]
 
 PAIR_KEYS = ("moving_image", "fixed_image", "moving_label", "fixed_label")
 
 
-def pair_to_device(batch: dict, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """The tensors of a collated pair batch, on ``device``; images as float, labels as they are."""
+def pair_to_device(batch: dict, device, non_blocking: bool = False, meta: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of a collated pair batch, on ``device``; images as float, labels as they are.
+    ``meta=False`` drops MONAI's metadata (plain tensors: no per-operation bookkeeping in training)."""
     out = {}
     for k in PAIR_KEYS:
         if k in batch:
-            v = torch.as_tensor(batch[k]).to(device)
+            v = torch.as_tensor(batch[k]).to(device, non_blocking=non_blocking)
+            if not meta and isinstance(v, MetaTensor):
+                v = v.as_tensor()
             out[k] = v.float() if k.endswith("image") else v
     return out
 
 
-class RegistrationTrainStep:
-    """One optimisation step on a batch of pairs with the symmetric loss.
+class PreparePair:
+    """``prepare_batch`` of ``SupervisedTrainer`` for pairs: returns ``(inputs, targets)`` with
+    ``inputs`` = [moving, fixed] concatenated on channels (B, 2C, H, W, D), the network input, and
+    ``targets`` = the pair's images and label maps on the device (the dict
+    ``scripts.losses.SymmetricRegistrationLoss`` takes as its second argument)."""
 
-    The engine's ``loss_function`` must provide ``terms(pred, batch) -> dict`` (see
-    ``scripts.losses.SymmetricRegistrationLoss``). The engine output is a dict of detached scalars:
-    ``loss`` (the weighted total) and each term (``sim``, ``smooth`` and, with labels, ``dice``).
-    """
+    def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
+        targets = pair_to_device(batchdata, device, non_blocking, meta=False)
+        return torch.cat([targets["moving_image"], targets["fixed_image"]], dim=1), targets
 
-    def __call__(self, engine: Engine, batchdata: dict) -> dict[str, float]:
-        batch = pair_to_device(batchdata, engine.state.device)
-        image = torch.cat([batch["moving_image"], batch["fixed_image"]], dim=1)
-        engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with torch.autocast(device_type=torch.device(engine.state.device).type, enabled=engine.amp):
-            pred = engine.inferer(image, engine.network)
-            terms = engine.loss_function.terms(pred, batch)
-        if engine.amp and engine.scaler is not None:
-            engine.scaler.scale(terms["loss"]).backward()
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            terms["loss"].backward()
-            engine.optimizer.step()
-        engine.state.output = {k: v.item() for k, v in terms.items()}
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
+
+class PrepareMasked:
+    """``prepare_batch`` of ``SupervisedTrainer`` for the segmentation network on partially-labelled
+    cohorts: ``(image, {"label", "mask"})``, where ``mask`` (B, classes) says which organs each
+    sample's cohort annotates (``scripts.losses.PartialLabelDiceLoss`` takes this dict as target)."""
+
+    def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
+        def to(key: str) -> torch.Tensor:
+            value = torch.as_tensor(batchdata[key])
+            return (value.as_tensor() if isinstance(value, MetaTensor) else value).to(device, non_blocking=non_blocking)
+
+        return to("image").float(), {"label": to("label"), "mask": to("mask")}
+
+
+def _sync(device: torch.device) -> None:
+    # CUDA kernels run asynchronously: read the clock only once they are done.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _like(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values`` with the metadata of ``reference`` (its affine, file name and applied pads), so that
+    postprocessing can put it back on the reference image's own grid and save it."""
+    if not isinstance(reference, MetaTensor):
+        return values
+    out = MetaTensor(values.as_tensor() if isinstance(values, MetaTensor) else values)
+    out.copy_meta_from(reference)
+    return out
 
 
 class RegistrationEvalStep:
     """Registers a batch of pairs moving -> fixed and warps the moving labels (nearest neighbour).
 
-    Engine output (batched, before MONAI decollates it): ``pred`` the warped moving label map and
-    ``label`` the fixed label map, both one-hot (B, num_labels, H, W, D), ready for MONAI's
-    ``MeanDice`` / ``HausdorffDistance`` handlers; ``ddf`` (B, 3, H, W, D) in voxels; and
-    ``moving_image``, ``fixed_image``, ``warped_image`` (B, C, H, W, D) for pictures;
-    ``seconds`` (B,) the network + integration time per pair (the batch time divided by B);
-    with ``inverse``, also ``ddf_inverse`` (B, 3, H, W, D), the fixed->moving field on the moving grid.
+    Engine output (batched, before MONAI decollates it):
+
+    - ``ddf`` (B, 3, H, W, D): the displacement in voxels on the (padded) fixed grid;
+    - ``warped_image`` (B, C, H, W, D) and, with labels, ``warped_label`` (B, 1, H, W, D) integer;
+      these three carry the fixed image's metadata;
+    - with labels, ``pred`` (the warped moving label map) and ``label`` (the fixed one), one-hot
+      (B, num_labels, H, W, D), for MONAI's ``MeanDice`` / ``HausdorffDistance`` handlers;
+    - ``moving_image``, ``fixed_image`` as given;
+    - ``seconds`` (B,): network + integration time per pair (the batch time divided by B);
+    - with ``fixed_to_moving``, ``ddf_fixed_to_moving`` (B, 3, H, W, D): the same network with the
+      images swapped (the fixed->moving field, on the moving grid; not the inverse of ``ddf``),
+      carrying the moving image's metadata.
+
+    A displacement with NaN or infinite values (diverged or corrupt weights) stops the run with an
+    error naming the pairs, before anything of them is written.
 
     Args:
         num_labels: classes including background.
-        inverse: also predict the fixed->moving field (the same network with the images swapped).
+        fixed_to_moving: also predict the fixed->moving field.
     """
 
-    def __init__(self, num_labels: int, inverse: bool = False) -> None:
+    def __init__(self, num_labels: int, fixed_to_moving: bool = False) -> None:
         self.num_labels = int(num_labels)
-        self.inverse = bool(inverse)
+        self.fixed_to_moving = bool(fixed_to_moving)
 
     @staticmethod
-    def _ddf(engine: Engine, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    def _ddf(engine: Engine, moving: torch.Tensor, fixed: torch.Tensor, what: str, batchdata: dict) -> torch.Tensor:
         image = torch.cat([moving, fixed], dim=1)
         with torch.no_grad(), torch.autocast(device_type=torch.device(engine.state.device).type, enabled=engine.amp):
-            return engine.inferer(image, engine.network).float()
+            ddf = engine.inferer(image, engine.network).float()
+        if not torch.isfinite(ddf).all():
+            pairs = ", ".join(f"fixed {f} / moving {m}" for f, m in zip(batchdata.get("fixed_id", "?"), batchdata.get("moving_id", "?")))
+            raise FloatingPointError(
+                f"the network predicted a {what} displacement with NaN or infinite values for {pairs}: the weights are "
+                "corrupt or diverged (check the checkpoint); nothing was written for these pairs"
+            )
+        return ddf
 
     def __call__(self, engine: Engine, batchdata: dict) -> dict[str, torch.Tensor]:
-        batch = pair_to_device(batchdata, engine.state.device)
+        device = torch.device(engine.state.device)
+        batch = pair_to_device(batchdata, device)
         moving, fixed = batch["moving_image"], batch["fixed_image"]
         engine.network.eval()
+        _sync(device)
         start = time.perf_counter()
-        ddf = self._ddf(engine, moving, fixed)
+        ddf = self._ddf(engine, moving, fixed, "moving->fixed", batchdata)
+        _sync(device)
         seconds = (time.perf_counter() - start) / moving.shape[0]
         out = {
-            "ddf": ddf,
+            "ddf": _like(fixed, ddf),
             "seconds": torch.full((moving.shape[0],), seconds),
-            "moving_image": batch["moving_image"],
-            "fixed_image": batch["fixed_image"],
-            "warped_image": warp_image(batch["moving_image"], ddf),
+            "moving_image": moving,
+            "fixed_image": fixed,
+            "warped_image": _like(fixed, warp_image(moving, ddf)),
         }
         if "moving_label" in batch and "fixed_label" in batch:
             warped = warp_labels_nearest(batch["moving_label"].long(), ddf)
+            out["warped_label"] = _like(fixed, warped)
             out["pred"] = one_hot(warped, self.num_labels)
             out["label"] = one_hot(batch["fixed_label"].long(), self.num_labels)
-        if self.inverse:
-            out["ddf_inverse"] = self._ddf(engine, fixed, moving)
+        if self.fixed_to_moving:
+            out["ddf_fixed_to_moving"] = _like(moving, self._ddf(engine, fixed, moving, "fixed->moving", batchdata))
         engine.state.output = out
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
-
-
-class SegmentationTrainStep:
-    """One optimisation step of the segmentation network on partially-labelled cohorts: the loss
-    (``scripts.losses.PartialLabelDiceLoss``) also takes the batch's ``mask`` (B, classes), the
-    organs each sample's cohort annotates, which MONAI's default step cannot pass."""
-
-    def __call__(self, engine: Engine, batchdata: dict) -> dict[str, float]:
-        device = engine.state.device
-        image = torch.as_tensor(batchdata["image"]).to(device).float()
-        label = torch.as_tensor(batchdata["label"]).to(device)
-        mask = torch.as_tensor(batchdata["mask"]).to(device)
-        engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with torch.autocast(device_type=torch.device(device).type, enabled=engine.amp):
-            logits = engine.inferer(image, engine.network)
-            loss = engine.loss_function(logits, label, mask)
-        if engine.amp and engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            engine.optimizer.step()
-        engine.state.output = {"loss": loss.item()}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 

@@ -10,8 +10,10 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -155,8 +157,9 @@ def test_unwritable_output_folder_is_refused_before_any_work(tmp_path, ckpt):
     assert digest(tmp_path) == before, "something was written"
 
 
-def _outputs_are_sane(out: Path, pairs: list[tuple[str, str]], shape=(64, 64, 64)) -> None:
+def _outputs_are_sane(out: Path, pairs: list[tuple[str, str]], shapes=None) -> None:
     for f_id, m_id in pairs:
+        shape = (shapes or {}).get(f_id, (64, 64, 64))
         disp = nib.load(out / f"disp_{f_id}_0000_{m_id}_0000.nii.gz")
         field = np.asarray(disp.dataobj)
         assert field.shape == (*shape, 3) and field.dtype == np.float32
@@ -192,7 +195,10 @@ def test_usable_odd_input_works(tmp_path, ckpt, case):
 
 @pytest.mark.skipif(not HIPPO.is_dir(), reason="needs ../shared/data/hippocampus_msd")
 def test_msd_cases_of_different_shapes_still_work(tmp_path, ckpt):
-    """The same-grid check is for Learn2Reg folders only: MSD cases differ in size and are padded."""
+    """The same-grid check is for Learn2Reg folders only: MSD cases differ in size and are padded to one
+    grid for the network; every output comes back on its fixed image's own grid, and the field indexes
+    the moving image's own array: the official evaluation's warp of the moving label map with the
+    written field gives the written warped label map."""
     data = tmp_path / "msd"
     names = ["hippocampus_001.nii.gz", "hippocampus_003.nii.gz", "hippocampus_004.nii.gz"]
     for sub in ("imagesTr", "labelsTr"):
@@ -206,5 +212,210 @@ def test_msd_cases_of_different_shapes_still_work(tmp_path, ckpt):
     out = tmp_path / "out"
     proc = infer(data, out, ckpt, "--num_val", "2")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    _outputs_are_sane(out, [("0003", "0004"), ("0004", "0003")])
+    shapes = {n[12:15].rjust(4, "0"): nib.load(data / "imagesTr" / n).shape for n in names}
+    _outputs_are_sane(out, [("0003", "0004"), ("0004", "0003")], shapes)
     assert digest(data) == before, "inputs modified"
+    from scripts.metrics import warp_labels_official
+
+    for f, m in [("003", "004"), ("004", "003")]:
+        fixed = nib.load(data / "imagesTr" / f"hippocampus_{f}.nii.gz")
+        field = nib.load(out / f"disp_0{f}_0000_0{m}_0000.nii.gz")
+        assert np.allclose(field.affine, fixed.affine)  # the fixed image's own grid and header
+        moving_label = np.asarray(nib.load(data / "labelsTr" / f"hippocampus_{m}.nii.gz").dataobj)
+        official = warp_labels_official(moving_label, np.asarray(field.dataobj))
+        written = np.asarray(nib.load(out / f"warped_label_0{f}_0{m}.nii.gz").dataobj)
+        assert official.shape == written.shape == fixed.shape
+        assert (official == written).mean() > 0.999, (f, m, (official == written).mean())
+
+
+# --------------------------------------------------------------------------- outputs never lost or mixed (issue 13)
+def _one_pair(data: Path, rows: list[tuple[str, str]], name="pairs.csv", bom=False) -> list[str]:
+    text = "fixed,moving\n" + "".join(f"{f},{m}\n" for f, m in rows)
+    path = data.parent / name
+    path.write_text(("\ufeff" if bom else "") + text, encoding="utf-8")
+    return ["--pairs_selection", str(path), "--figures", "False"]
+
+
+def _copy(tmp_path: Path) -> Path:
+    data = tmp_path / "HippocampusMR"
+    shutil.copytree(SAMPLE, data)
+    return data
+
+
+def test_colliding_output_names_are_refused_naming_both_images(tmp_path, ckpt):
+    data = _copy(tmp_path)
+    other = data / "other" / "imagesTr"
+    other.mkdir(parents=True)
+    shutil.copy(data / "imagesTr" / MOVING, other / FIXED)  # another image with the case number 0367
+    before = digest(tmp_path)
+    out = tmp_path / "out"
+    args = _one_pair(data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}"), (f"./other/imagesTr/{FIXED}", f"./imagesTr/{MOVING}")])
+    proc = infer(data, out, ckpt, *args)
+    assert proc.returncode != 0
+    assert f"imagesTr/{FIXED}" in proc.stderr and f"other/imagesTr/{FIXED}" in proc.stderr, proc.stderr[-3000:]
+    assert "disp_0367_0000_0394_0000.nii.gz" in proc.stderr and "4-digit case ids" in proc.stderr
+    args = _one_pair(data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}")] * 2)
+    proc = infer(data, out, ckpt, *args)
+    assert proc.returncode != 0 and "is listed twice" in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()
+    assert {k: v for k, v in digest(tmp_path).items() if not k.endswith(".csv")} == before
+
+
+def test_non_empty_output_folder_is_replaced_only_with_overwrite_and_only_whole(tmp_path, ckpt):
+    data = _copy(tmp_path)
+    out = tmp_path / "out"
+    args = _one_pair(data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}")])
+    assert infer(data, out, ckpt, *args).returncode == 0
+    first = digest(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["checkpoint"]["path"] == str(ckpt)
+    assert set(manifest["files"]) == set(first) - {"manifest.json"}
+    # a second run into the complete folder: refused before any work, the folder untouched
+    proc = infer(data, out, ckpt, *args)
+    assert proc.returncode != 0 and f"output folder {out} already exists and is not empty" in proc.stderr
+    assert "--overwrite True" in proc.stderr and "Restored" not in proc.stdout + proc.stderr
+    assert digest(out) == first
+    # with --overwrite True, a run killed midway leaves the first run whole ...
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir", str(data),
+           "--output_dir", str(out), "--ckpt_path", str(ckpt), "--overwrite", "True", "--figures", "False"]
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    staged = []
+    for _ in range(1200):  # wait until it has written into its staging folder, then kill it
+        staged = [p for p in tmp_path.glob(".tmp-*") if any(p.glob("disp_*"))]
+        if staged or run.poll() is not None:
+            break
+        time.sleep(0.1)
+    run.kill()
+    run.wait()
+    assert staged, "the run finished or failed before it wrote anything"
+    assert digest(out) == first
+    # ... and the next run clears its leftovers and replaces the folder as a whole
+    assert infer(data, out, ckpt, *args, "--overwrite", "True").returncode == 0
+    assert not list(tmp_path.glob(".tmp-*")), "the killed run's staging folder was not removed"
+    assert set(digest(out)) == set(first) and json.loads((out / "manifest.json").read_text())["created"]
+
+
+def test_evaluation_refuses_a_folder_mixing_two_runs(tmp_path, ckpt):
+    data = _copy(tmp_path)
+    out = tmp_path / "out"
+    rows = [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}"), (f"./imagesTr/{MOVING}", f"./imagesTr/{FIXED}")]
+    args = _one_pair(data, rows)
+    assert infer(data, out, ckpt, *args).returncode == 0
+    evaluate = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/evaluate.json",
+                "--dataset_dir", str(data), "--disp_dir", str(out), "--pairs_selection", args[1]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    a, b = out / "disp_0367_0000_0394_0000.nii.gz", out / "disp_0394_0000_0367_0000.nii.gz"
+    shutil.copy(b, a)  # a field that run did not write for this pair
+    proc = subprocess.run(evaluate, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0 and f"{a}: was changed since it was written" in proc.stderr, proc.stderr[-3000:]
+    assert "mixes the results of several runs" in proc.stderr and not (out / "metrics.json").exists()
+    (out / "manifest.json").unlink()  # the user takes responsibility: scored as it is
+    assert subprocess.run(evaluate, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env).returncode == 0
+
+
+def test_non_finite_fields(tmp_path, ckpt):
+    """NaN weights: inference stops naming the pairs, nothing written. A NaN field given to
+    evaluate.json: a counted, reported invalid pair; a truncated field: an error naming the file."""
+    data = _copy(tmp_path)
+    state = torch.load(ckpt, weights_only=True)
+    state["head.bias"] = torch.full_like(state["head.bias"], float("nan"))
+    nan_ckpt = tmp_path / "nan.pt"
+    torch.save(state, nan_ckpt)
+    out = tmp_path / "out"
+    rows = [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}"), (f"./imagesTr/{MOVING}", f"./imagesTr/{FIXED}")]
+    args = _one_pair(data, rows)
+    proc = infer(data, out, nan_ckpt, *args)
+    assert proc.returncode != 0 and "NaN or infinite values for fixed 0367 / moving 0394" in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+
+    assert infer(data, out, ckpt, *args).returncode == 0
+    (out / "manifest.json").unlink()
+    bad = out / "disp_0367_0000_0394_0000.nii.gz"
+    img = nib.load(bad)
+    field = np.asarray(img.dataobj).copy()
+    field[10, 10, 10, 0] = np.nan
+    nib.save(nib.Nifti1Image(field, img.affine), bad)
+    evaluate = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/evaluate.json",
+                "--dataset_dir", str(data), "--disp_dir", str(out), "--pairs_selection", args[1]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(evaluate, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNING: 1 of 2 pairs have a displacement field with NaN or infinite values" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_invalid"] == 1 and metrics["dice"]["n"] == 1
+    assert metrics["invalid_pairs"][0]["file"] == bad.name
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    proc = subprocess.run(evaluate, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0 and f"{bad}: cannot read the displacement field" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("value, figures", [("false", False), ("0", False), ("true", True), ("maybe", None)])
+def test_boolean_options_mean_what_they_say(tmp_path, ckpt, value, figures):
+    data = _copy(tmp_path)
+    out = tmp_path / "out"
+    args = [a for a in _one_pair(data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}")]) if a not in ("--figures", "False")]
+    proc = infer(data, out, ckpt, *args, "--figures", value)
+    if figures is None:
+        assert proc.returncode != 0 and "--figures: expected True or False (also true/false/1/0), got 'maybe'" in proc.stderr
+        assert not out.exists()
+        return
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert bool(list(out.glob("figure_*.png"))) == figures
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--ouput_dir", "--ouput_dir: unknown key for configs/inference.json; did you mean --output_dir?"),
+    ("--datset_dir", "--datset_dir: unknown key for configs/inference.json; did you mean --dataset_dir?"),
+    ("--write_inverse", "--write_inverse was renamed: use --write_fixed_to_moving"),
+])
+def test_misspelled_or_renamed_options_are_refused(tmp_path, ckpt, option, message):
+    data = _copy(tmp_path)
+    out = tmp_path / "out"
+    proc = infer(data, out, ckpt, option, str(tmp_path / "x"))
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists() and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("size", [48, 80])
+def test_learn2reg_pairs_of_other_sizes_get_fields_on_their_own_grid(tmp_path, ckpt, size):
+    """Not 64^3: registered on a padded grid (multiple of 16, at least 64) and written back on the
+    fixed image's own grid and header."""
+    data = _copy(tmp_path)
+    for sub in ("imagesTr", "labelsTr"):
+        for name in (FIXED, MOVING):
+            if size < 64:
+                edit(data / sub / name, lambda a, aff: (a[8 : 8 + size, 8 : 8 + size, 8 : 8 + size], aff))
+            else:
+                edit(data / sub / name, lambda a, aff: (np.pad(a, [(0, size - 64)] * 3), aff))
+    out = tmp_path / "out"
+    proc = infer(data, out, ckpt, *_one_pair(data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}")]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _outputs_are_sane(out, [("0367", "0394")], {"0367": (size,) * 3})
+    assert np.allclose(nib.load(out / "disp_0367_0000_0394_0000.nii.gz").affine, nib.load(data / "imagesTr" / FIXED).affine)
+
+
+def test_pairs_larger_than_max_voxels_are_refused_naming_the_shape(tmp_path, ckpt):
+    data = _copy(tmp_path)
+    out = tmp_path / "out"
+    proc = infer(data, out, ckpt, *_one_pair(data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}")]), "--max_voxels", "100000")
+    assert proc.returncode != 0 and f"imagesTr/{FIXED} is 64x64x64 voxels after padding, more than max_voxels=100000" in proc.stderr
+    assert not out.exists()
+
+
+def test_csv_pair_list_with_a_byte_order_mark(tmp_path, ckpt):
+    data = _copy(tmp_path)
+    out = tmp_path / "out"
+    proc = infer(data, out, ckpt, *_one_pair(data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}")], bom=True))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "disp_0367_0000_0394_0000.nii.gz").is_file()
+
+
+def test_outputs_get_normal_permissions(tmp_path, ckpt):
+    data = _copy(tmp_path)
+    out = tmp_path / "out"
+    cmd = (f"umask 022 && {sys.executable} -m monai.bundle run --config_file configs/inference.json --dataset_dir {data} "
+           f"--output_dir {out} --ckpt_path {ckpt} " + " ".join(_one_pair(data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}")])))
+    proc = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}

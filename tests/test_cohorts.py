@@ -1,7 +1,7 @@
 """Partially-labelled cohorts (issue 5): cohort declarations and their errors, label mapping
 (including KiTS-style kidneys split by side, on a real CT), the partial-label Dice loss (an organ a
 cohort does not annotate contributes nothing), ground truth kept in pseudo-labels, pairs drawn
-within a cohort, and fine-tuning weights refused from another architecture."""
+within a cohort."""
 
 import json
 import os
@@ -15,8 +15,6 @@ from monai.transforms import EnsureChannelFirstd, LoadImaged
 from scripts import cohorts as C
 from scripts.data import RandomPairDataset
 from scripts.losses import PartialLabelDiceLoss
-from scripts.networks import SpatialGradientRegNet
-from scripts.weights import CheckpointError, load_pretrained
 from tests.test_bundle import ROOT, SAMPLE
 
 CT = ROOT.parent / "shared" / "data" / "abdomen_ct_samples"
@@ -252,38 +250,6 @@ def test_pairs_drawn_within_a_cohort():
     assert len(seen) == 12  # every within-cohort pair occurs
     with pytest.raises(ValueError, match=r"\['c'\] have a single case"):
         RandomPairDataset([*cases, {"image": cases[0]["image"], "cohort": "c"}], group_key="cohort")
-
-
-# --------------------------------------------------------------------------- fine-tuning weights
-def test_load_pretrained_exact_or_refused(tmp_path):
-    def net(**kw):
-        return SpatialGradientRegNet(**{"channels": (4, 8, 16, 32, 64), "deep_supervision": False, **kw})
-
-    source = net()
-    plain, resumable, ddp = (
-        tmp_path / "plain.pt",
-        tmp_path / "ckpt.pt",
-        tmp_path / "ddp.pt",
-    )
-    torch.save(source.state_dict(), plain)
-    torch.save({"model": source.state_dict(), "optimizer": {}}, resumable)
-    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, ddp)
-    for path in (plain, resumable, ddp):
-        loaded = load_pretrained(net(), str(path))
-        for k, v in source.state_dict().items():
-            assert torch.equal(loaded.state_dict()[k], v), (path.name, k)
-    untouched = net()
-    assert load_pretrained(untouched, "") is untouched
-    for other, what in (
-        (net(channels=(8, 16, 32, 64, 128)), "tensors of another shape"),
-        (net(in_channels=3), "tensors of another shape"),  # a CT network (3 HU windows)
-        (net(deep_supervision=True), "network tensors absent from the file"),
-    ):
-        with pytest.raises(CheckpointError, match="another architecture or task") as e:
-            load_pretrained(other, str(plain))
-        assert str(plain) in str(e.value) and what in str(e.value)
-    with pytest.raises(CheckpointError, match="not found"):
-        load_pretrained(untouched, str(tmp_path / "missing.pt"))
 
 
 @needs_ct

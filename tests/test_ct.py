@@ -1,9 +1,13 @@
 """Abdominal CT task on the two real CTs of ../shared/data/abdomen_ct_samples (subject A: NIfTI,
 3 mm; subject B: a DICOM series whose label file is stored in another orientation): reading,
 labels on the right anatomy, the CT overlay for train / inference / evaluate, the prepare ->
-register -> restore path back to the fixed scan's own grid, and bad input."""
+register -> restore path back to the fixed scan's own grid, and bad input refused through the
+command line (exit code 2, one line naming the file, no output folder, no staging leftovers,
+inputs unchanged)."""
 
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,13 +27,54 @@ CT = ROOT.parent / "shared" / "data" / "abdomen_ct_samples"
 A_CT, A_LAB = CT / "subject_a" / "ct.nii.gz", CT / "subject_a" / "labels_l2r.nii.gz"
 B_DICOM, B_LAB = CT / "subject_b" / "dicom", CT / "subject_b" / "labels_l2r.nii.gz"
 OVERLAY = ("inference", "abdomen_ct")
+DISP = "disp_0001_0000_0002_0000.nii.gz"  # the bundle's name for the prepared pair's field
 LIVER, AORTA = 6, 8
 
 pytestmark = pytest.mark.skipif(not CT.is_dir(), reason="needs ../shared/data/abdomen_ct_samples")
 
 
-def ct_pair_cli(*args):
-    return subprocess.run([sys.executable, "-m", "scripts.ct_pair", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+UMASK = 0o022  # outputs must get 0o755 folders / 0o644 files under it, not mkdtemp's private 0o700
+
+
+def ct_pair_cli(*args, ulimit: str | None = None, env=None):
+    """``python -m scripts.ct_pair ARGS`` from the project root, under ``UMASK`` and, with
+    ``ulimit`` (e.g. "-f 16"), under that bash resource limit."""
+    cmd = [sys.executable, "-m", "scripts.ct_pair", *map(str, args)]
+    if ulimit:
+        cmd = ["bash", "-c", f'ulimit {ulimit} && exec "$@"', "bash", *cmd]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False, umask=UMASK,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def fingerprint(*paths):
+    """{file: (mtime, sha256)} of the files given and of every file under the folders given."""
+    files = [f for p in paths for f in (sorted(p.rglob("*")) if p.is_dir() else [p]) if f.is_file()]
+    return {str(f): (f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).hexdigest()) for f in files}
+
+
+def assert_refused(proc, out, *names, message, one_line=True):
+    """Exit code 2, an error line holding ``message`` and naming every one of ``names``, no
+    traceback, no ``out`` folder and no staging leftovers (.tmp-*) in the folder that would hold it."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert lines and lines[-1].startswith("error: ") and message in lines[-1], proc.stderr
+    assert all(str(n) in lines[-1] for n in names), (names, lines[-1])
+    assert "Traceback" not in proc.stderr and (len(lines) == 1 or not one_line), proc.stderr
+    assert not out.exists()
+    parent = next(p for p in out.parents if p.is_dir())
+    assert not [p.name for p in parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+def modes(folder):
+    """{path relative to folder: permission bits} of the folder and everything in it."""
+    paths = [folder, *folder.rglob("*")]
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in paths}
+
+
+def assert_normal_permissions(folder):
+    for path, mode in modes(folder).items():
+        expected = (0o777 if (folder / path).is_dir() else 0o666) & ~UMASK
+        assert mode == expected, f"{path}: {oct(mode)} instead of {oct(expected)}"
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +131,14 @@ def test_prepared_folder_is_a_learn2reg_dataset(prepared):
         assert np.allclose(np.abs(np.diag(img.affine)[:3]), 2.0)
     labels = np.asarray(nib.load(prepared / "labelsTr/CTPair_0002_0000.nii.gz").dataobj)
     assert set(np.unique(labels)) <= set(range(14))  # values copied, never interpolated
+    assert_normal_permissions(prepared)  # the published staging folder too, not only the files in it
 
 
 def test_inference_and_evaluate_with_the_ct_overlay(prepared, untrained_ckpt, tmp_path):
     out = tmp_path / "registered"
     ok(bundle("--dataset_dir", str(prepared), "--output_dir", str(out), "--ckpt_path", str(untrained_ckpt),
               *TINY, configs=OVERLAY))  # fmt: skip
-    disp = nib.load(out / "disp_0001_0000_0002_0000.nii.gz")
+    disp = nib.load(out / DISP)
     assert disp.shape == (192, 160, 256, 3) and disp.get_data_dtype() == np.float32  # the official format
     assert np.abs(np.asarray(disp.dataobj)).max() == 0  # the untrained network is the identity
     ok(bundle("--dataset_dir", str(prepared), "--disp_dir", str(out), configs=("evaluate", "abdomen_ct")))
@@ -128,6 +174,7 @@ def test_restore_puts_outputs_on_the_fixed_scans_own_grid(prepared, untrained_ck
     out = tmp_path / "result"
     proc = ct_pair_cli("restore", "--prepared_dir", str(prepared), "--disp_dir", str(reg), "--out_dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_normal_permissions(out)
     fixed = ct_pair.read_image(str(B_DICOM))
     for name in ("warped_moving.nii.gz", "warped_moving_label.nii.gz", "displacement_mm.nii.gz"):
         im = itk.imread(str(out / name))
@@ -135,13 +182,19 @@ def test_restore_puts_outputs_on_the_fixed_scans_own_grid(prepared, untrained_ck
         assert np.allclose(itk.spacing(im), itk.spacing(fixed), atol=1e-4)
         assert np.allclose(itk.origin(im), itk.origin(fixed), atol=1e-3)
         assert np.allclose(itk.array_from_matrix(im.GetDirection()), itk.array_from_matrix(fixed.GetDirection()))
-    warped_label = np.asarray(nib.load(out / "warped_moving_label.nii.gz").dataobj)
+    warped_label = itk.array_from_image(itk.imread(str(out / "warped_moving_label.nii.gz")))
     assert set(np.unique(warped_label)) <= set(np.unique(np.asarray(nib.load(A_LAB).dataobj)))
     metrics = json.loads((out / "metrics.json").read_text())
-    # Dice over the organs present in both the fixed labels and the warped moving labels (B is a 4 cm
-    # slab of the upper abdomen; centring a whole-abdomen scan on it overlaps few organs)
-    shared = set(map(str, np.unique(np.asarray(nib.load(B_LAB).dataobj)))) & set(map(str, np.unique(warped_label)))
-    assert set(metrics["labels_in_both"]) == shared - {"0"} and shared - {"0"}
+    # Learn2Reg's rule: Dice over the organs present in the fixed AND the unwarped moving label map;
+    # one warped out of the slab scores 0 (B is a 4 cm slab of the upper abdomen; centring a
+    # whole-abdomen scan on it overlaps few organs)
+    fixed_label = itk.array_from_image(ct_pair.read_label(str(B_LAB), fixed))  # on B's grid, as the warped map
+    in_b, in_a = (set(np.unique(np.asarray(nib.load(p).dataobj)).astype(int).tolist()) - {0} for p in (B_LAB, A_LAB))
+    assert metrics["labels_in_both"] == [str(k) for k in sorted(in_b & in_a)]
+    for k in metrics["labels_in_both"]:  # against a hand computation on the written files
+        a, b = fixed_label == int(k), warped_label == int(k)
+        assert metrics["dice_per_label"][k] == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()), abs=1e-9)
+    assert metrics["mean_dice"] == pytest.approx(np.mean(list(metrics["dice_per_label"].values())))
     # identity network: the deformable step changes nothing, so both Dice are the pre-alignment's
     assert metrics["mean_dice"] == pytest.approx(metrics["mean_dice_prealign_only"], abs=1e-6)
 
@@ -234,3 +287,180 @@ def test_ct_overlay_refuses_images_without_hu(tmp_path, untrained_ckpt):
     assert proc.returncode != 0
     assert "CTPair_0002_0000.nii.gz" in proc.stderr and "Hounsfield" in proc.stderr
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- refused through the command line
+@pytest.fixture(scope="module")
+def shared_inputs():
+    """The fingerprint of the shared scans, compared after every refusal: inputs are only read."""
+    return fingerprint(A_CT, A_LAB, B_DICOM, B_LAB)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--spacing", "0"], "spacing must be a number of millimetres in (0, 10], got 0.0"),
+        (["--spacing", "-2"], "spacing must be a number of millimetres in (0, 10], got -2.0"),
+        (["--spacing", "nan"], "got nan"),
+        (["--spacing", "1000"], "got 1000.0"),
+        (["--size", "0", "0", "0"], "grid size must be 3 positive multiples of 16, got [0, 0, 0]"),
+    ],
+    ids=["spacing-0", "spacing-negative", "spacing-nan", "spacing-absurd", "size-0"],
+)
+def test_unusable_grid_arguments_are_refused(tmp_path, shared_inputs, args, message):
+    out = tmp_path / "prepared"
+    proc = ct_pair_cli("prepare", "--fixed", A_CT, "--moving", A_CT, "--out_dir", out, *args)
+    assert_refused(proc, out, message=message)  # before ITK's own "spacing" exception, or a division by zero
+    assert fingerprint(A_CT, A_LAB, B_DICOM, B_LAB) == shared_inputs
+
+
+def test_a_grid_beyond_the_voxel_maximum_is_refused_before_resampling(tmp_path, shared_inputs):
+    # 0.3 mm around A: before this check, resampling onto it grew past 8 GB of memory within 37 s
+    out = tmp_path / "prepared"
+    proc = ct_pair_cli("prepare", "--fixed", A_CT, "--moving", A_CT, "--out_dir", out, "--spacing", "0.3")
+    assert_refused(proc, out, A_CT, "1216 x 1008 x 1120 voxels", "needs 32.9 GB",
+                   message="is more than the maximum of 67,108,864 voxels")  # fmt: skip
+    assert fingerprint(A_CT, A_LAB, B_DICOM, B_LAB) == shared_inputs
+
+
+def test_a_grid_beyond_the_memory_left_is_refused_before_resampling(tmp_path, shared_inputs):
+    # 400^3 voxels is under the voxel maximum, but the pair as the network reads it needs
+    # 400^3 x 24 bytes = 1.54 GB, more than a 2 GiB address space leaves once ITK is loaded (one
+    # thread, one malloc arena: about 1.1 GiB)
+    out = tmp_path / "prepared"
+    single = {"ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1", "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}
+    proc = ct_pair_cli("prepare", "--fixed", A_CT, "--moving", A_CT, "--out_dir", out, "--size", "400", "400", "400",
+                       ulimit=f"-v {2 * 1024 * 1024}", env=single)  # fmt: skip
+    assert_refused(proc, out, A_CT, "400 x 400 x 400 voxels", "needs 1.54 GB",
+                   message="left under this process's address-space limit (ulimit -v 2097152)")  # fmt: skip
+    assert fingerprint(A_CT, A_LAB, B_DICOM, B_LAB) == shared_inputs
+
+
+def _slice_position(path) -> float:
+    """ImagePositionPatient z (B's slices are axial) of one DICOM file, in mm."""
+    io = itk.GDCMImageIO.New()
+    io.SetFileName(str(path))
+    io.ReadImageInformation()
+    return io.GetOrigin(2)
+
+
+@pytest.mark.parametrize("defect", ["missing-slice", "duplicate-slice"])
+def test_dicom_series_with_a_missing_or_duplicated_slice_is_refused(tmp_path, shared_inputs, defect):
+    folder = tmp_path / "dicom"
+    shutil.copytree(B_DICOM, folder)  # the shared series is never modified
+    by_position = sorted(folder.iterdir(), key=_slice_position)
+    middle = by_position[10]
+    z = _slice_position(middle)
+    if defect == "missing-slice":
+        middle.unlink()  # neighbours 2 mm away on each side: a 4 mm gap
+        names = [f"{z - 2:g} and {z + 2:g} mm", "are 4 mm apart where the series' spacing is 2 mm"]
+        message = "a slice is missing"
+    else:
+        shutil.copy(middle, folder / "copy_of_a_slice")
+        names, message = [f"({z:g} mm", middle.name, "copy_of_a_slice"], "slices at the same position"
+    before = fingerprint(folder)
+    out = tmp_path / "prepared"
+    proc = ct_pair_cli("prepare", "--fixed", folder, "--moving", A_CT, "--out_dir", out)
+    assert_refused(proc, out, folder, *names, message=message)  # instead of ITK's warning and a wrong geometry
+    assert fingerprint(folder) == before and fingerprint(A_CT, A_LAB, B_DICOM, B_LAB) == shared_inputs
+
+
+@pytest.mark.parametrize("command", ["prepare", "restore"])
+def test_unusable_output_folder_is_refused_before_any_reading(tmp_path, command):
+    # the inputs do not exist: a message about the output proves it was checked first
+    (tmp_path / "a_file").write_text("not a folder")
+    out = tmp_path / "a_file" / "result"
+    missing = tmp_path / "missing"
+    if command == "prepare":
+        args = ["--fixed", missing, "--moving", missing]
+    else:
+        args = ["--prepared_dir", missing, "--disp_dir", missing]
+    proc = ct_pair_cli(command, *args, "--out_dir", out)
+    assert_refused(proc, out, out, message=f"cannot be created: {tmp_path / 'a_file'} is a file")
+    # an existing, non-empty output folder is left as it is
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "earlier.txt").write_text("earlier results")
+    proc = ct_pair_cli(command, *args, "--out_dir", taken)
+    assert proc.returncode == 2 and f"output folder {taken} already exists and is not empty" in proc.stderr
+    assert [p.name for p in taken.iterdir()] == ["earlier.txt"]
+    assert (taken / "earlier.txt").read_text() == "earlier results"
+
+
+@pytest.fixture(scope="module")
+def small_prepared(tmp_path_factory):
+    """Subject A against itself on a 32^3 grid at 4 mm (no pre-alignment), and a registration
+    folder holding a zero displacement file of that grid: the restore tests start from them."""
+    tmp = tmp_path_factory.mktemp("small")
+    prepared, registered = tmp / "prepared", tmp / "registered"
+    proc = ct_pair_cli("prepare", "--fixed", A_CT, "--moving", A_CT, "--out_dir", prepared, "--size", "32", "32", "32",
+                       "--spacing", "4")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    registered.mkdir()
+    affine = nib.load(prepared / "imagesTr" / "CTPair_0001_0000.nii.gz").affine
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 32, 3), np.float32), affine), registered / DISP)
+    return prepared, registered
+
+
+def test_restore_applies_a_known_shift(tmp_path, small_prepared):
+    # a constant field of 0.75 voxels (3 mm, one voxel of A) along the prepared grid's first axis (R):
+    # pulled back onto A's own grid, the warped scan is A one voxel further right wherever the
+    # prepared grid (A's centre +- 62 mm) has the field, and displacement_mm is 3 mm towards R
+    prepared, zero = small_prepared
+    registered = tmp_path / "registered"
+    registered.mkdir()
+    img = nib.load(zero / DISP)
+    field = np.zeros(img.shape, np.float32)
+    field[..., 0] = 0.75
+    nib.save(nib.Nifti1Image(field, img.affine), registered / DISP)
+    out = tmp_path / "result"
+    proc = ct_pair_cli("restore", "--prepared_dir", prepared, "--disp_dir", registered, "--out_dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = np.asarray(nib.load(A_CT).dataobj)  # stored RAS: array axis 0 points to the right
+    warped = np.asarray(nib.load(out / "warped_moving.nii.gz").dataobj)
+    inner = (slice(46, 76), slice(35, 66), slice(41, 71))  # A's centre voxel (60.5, 50, 55.5) +- 45 mm
+    assert np.abs(warped[inner] - a[46 + 1 : 76 + 1, 35:66, 41:71]).max() < 0.01
+    disp = itk.array_from_image(itk.imread(str(out / "displacement_mm.nii.gz")))  # (z, y, x, 3), LPS mm
+    assert np.allclose(disp[41:71, 35:66, 46:76], [-3.0, 0.0, 0.0], atol=1e-4)  # R is -x in LPS
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({(1, 2, 3, 0): np.nan, (4, 5, 6, 2): np.inf}, "displacement field has 2 NaN or infinite values"),
+        # finite in the file, but 3e38 voxels of 4 mm leave float32: displacement_mm would hold Inf
+        ({(16, 16, 16, 0): 3e38}, "displacement_mm.nii.gz would hold NaN or infinite values"),
+    ],
+    ids=["nan-and-inf", "beyond-float32"],
+)
+def test_restore_refuses_a_field_giving_non_finite_outputs(tmp_path, small_prepared, shared_inputs, values, message):
+    prepared, zero = small_prepared
+    registered = tmp_path / "registered"
+    shutil.copytree(zero, registered)
+    disp = registered / DISP
+    img = nib.load(disp)
+    field = np.asarray(img.dataobj).copy()
+    for index, value in values.items():
+        field[index] = value
+    nib.save(nib.Nifti1Image(field, img.affine), disp)
+    before = fingerprint(prepared, registered)
+    out = tmp_path / "result"
+    proc = ct_pair_cli("restore", "--prepared_dir", prepared, "--disp_dir", registered, "--out_dir", out)
+    assert_refused(proc, out, disp, message=message)
+    assert fingerprint(prepared, registered) == before
+    assert fingerprint(A_CT, A_LAB, B_DICOM, B_LAB) == shared_inputs
+
+
+@pytest.mark.parametrize("command", ["prepare", "restore"])
+def test_a_full_disk_is_reported_naming_the_output_file(tmp_path, small_prepared, command):
+    # a 16 KiB file size limit (bash ulimit -f) fails the first image write as a full disk does;
+    # ITK's NIfTI writer alone would report it only on stderr and leave a truncated file
+    out = tmp_path / "result"
+    if command == "prepare":
+        args = ["--fixed", A_CT, "--moving", A_CT, "--size", "32", "32", "32", "--spacing", "4"]
+        first = "imagesTr/CTPair_0001_0000.nii.gz"
+    else:
+        args, first = ["--prepared_dir", small_prepared[0], "--disp_dir", small_prepared[1]], "warped_moving.nii.gz"
+    proc = ct_pair_cli(command, *args, "--out_dir", out, ulimit="-f 16")
+    # niftilib prints its own "** ERROR: NWAD" line before the error
+    assert_refused(proc, out, f"cannot write {out / first}", message="written incompletely", one_line=False)

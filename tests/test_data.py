@@ -9,13 +9,14 @@ import torch
 from conftest import smooth_volume
 from monai.data import DataLoader
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.utils import IterationEvents
 from monai.handlers import MeanDice, from_engine
 from monai.transforms import Compose, RandAffined, RandFlipd
 
 from scripts.data import PairDataset, RandomPairDataset, check_dataset
 from scripts.losses import SymmetricRegistrationLoss
 from scripts.networks import SpatialGradientRegNet
-from scripts.workflow import RegistrationEvalStep, RegistrationTrainStep
+from scripts.workflow import PreparePair, RegistrationEvalStep
 
 PAIR_KEYS = ["moving_image", "fixed_image", "moving_label", "fixed_label"]
 
@@ -168,10 +169,40 @@ def test_pair_dataset_errors_name_role_and_file():
     assert ds[0]["fixed_image"] == "/d/imagesTr/b.nii.gz"
     with pytest.raises(ValueError, match=r"fixed /d/imagesTr/broken\.nii\.gz: Compressed file ended"):
         ds[1]
-    # check_dataset loads everything up front and says which item failed
-    with pytest.raises(ValueError, match=r"input 2 of 2: .*broken\.nii\.gz.*Compressed file ended"):
-        check_dataset(ds)
-    assert check_dataset(PairDataset(pairs[:1], transform=loader)) is not None
+
+
+def _shape_loader(calls):
+    """A stand-in for the preprocessing: the image 'name_HxWxD' becomes an array of that shape."""
+
+    def load(case):
+        calls.append(case["image"])
+        if "broken" in case["image"]:
+            raise RuntimeError("applying transform") from OSError("Compressed file ended before the end-of-stream")
+        shape = tuple(int(n) for n in case["image"].rsplit("_", 1)[1].split("x"))
+        return {"image": np.zeros((1, *shape), np.float32)}
+
+    return load
+
+
+def test_check_dataset_checks_each_image_once_and_names_the_failing_pair(capsys):
+    calls = []
+    pairs = [{"fixed_image": f"f{i}_4x4x4", "moving_image": "m_4x4x4"} for i in range(5)]
+    assert check_dataset(PairDataset(pairs, transform=_shape_loader(calls)), progress_seconds=0) is not None
+    assert sorted(calls) == sorted(["m_4x4x4"] + [f"f{i}_4x4x4" for i in range(5)])  # m once, not 5 times
+    assert "checked 5 of 5 pairs (6 images" in capsys.readouterr().out  # progress lines
+    pairs.append({"fixed_image": "f_broken_4x4x4", "moving_image": "m_4x4x4"})
+    with pytest.raises(ValueError, match=r"input 6 of 6, fixed f_broken_4x4x4: Compressed file ended"):
+        check_dataset(PairDataset(pairs, transform=_shape_loader([])))
+
+
+def test_check_dataset_refuses_pairs_on_two_grids_and_too_many_voxels():
+    pairs = [{"fixed_image": "a_4x4x4", "moving_image": "b_4x4x8"}]
+    with pytest.raises(ValueError, match=r"input 1 of 1: fixed a_4x4x4 becomes \(4, 4, 4\) and moving b_4x4x8 becomes \(4, 4, 8\)"):
+        check_dataset(PairDataset(pairs, transform=_shape_loader([])))
+    pairs = [{"fixed_image": "a_8x8x8", "moving_image": "b_8x8x8"}]
+    assert check_dataset(PairDataset(pairs, transform=_shape_loader([])), max_voxels=512) is not None
+    with pytest.raises(ValueError, match=r"fixed a_8x8x8 is 8x8x8 voxels after padding, more than max_voxels=511"):
+        check_dataset(PairDataset(pairs, transform=_shape_loader([])), max_voxels=511)
 
 
 # --------------------------------------------------------------------------- workflow with MONAI engines
@@ -198,24 +229,32 @@ def test_train_step_in_supervised_trainer(with_labels):
     net = tiny_net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     loader = DataLoader(RandomPairDataset(image_cases(3, with_labels)).set_random_state(seed=0), batch_size=2)
+    loss = SymmetricRegistrationLoss(similarity="lncc", lncc_kernel_size=5)
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),
         max_epochs=1,
         train_data_loader=loader,
         network=net,
         optimizer=torch.optim.Adam(net.parameters(), lr=1e-3),
-        loss_function=SymmetricRegistrationLoss(similarity="lncc", lncc_kernel_size=5),
-        iteration_update=RegistrationTrainStep(),
+        loss_function=loss,
+        prepare_batch=PreparePair(),
+        decollate=False,
     )
+    events = []
+    for event in (IterationEvents.FORWARD_COMPLETED, IterationEvents.LOSS_COMPLETED, IterationEvents.BACKWARD_COMPLETED):
+        trainer.add_event_handler(event, lambda e, name=event.name: events.append(name))
     trainer.run()
     assert trainer.state.iteration == 2
+    # MONAI's own iteration: every Ignite event fires, once per iteration
+    assert events == ["FORWARD_COMPLETED", "LOSS_COMPLETED", "BACKWARD_COMPLETED"] * 2
     out = trainer.state.output
-    if isinstance(out, list):  # MONAI may decollate the engine output
-        out = out[0]
+    assert out["image"].shape[1:] == (2, *SHAPE)  # [moving, fixed] on channels
+    assert set(out["pred"]) == {"grad_mf", "grad_fm"}
     expected = {"loss", "sim", "smooth", "dice"} if with_labels else {"loss", "sim", "smooth"}
-    assert set(out) == expected
-    for k, v in out.items():
+    assert set(loss.last_terms) == expected  # what train.json logs
+    for k, v in loss.last_terms.items():
         assert isinstance(v, float) and math.isfinite(v), (k, v)
+    assert loss.last_terms["loss"] == pytest.approx(out["loss"].item())
     changed = [k for k, v in net.state_dict().items() if not torch.equal(v, before[k])]
     assert "head.weight" in changed and "head.bias" in changed
 
@@ -249,7 +288,7 @@ def test_eval_step_with_mean_dice_is_one_at_identity():
     assert torch.count_nonzero(first["ddf"]) == 0
 
 
-def test_eval_step_inverse_is_the_swapped_pair():
+def test_eval_step_fixed_to_moving_is_the_swapped_pair():
     net = tiny_net()
     with torch.no_grad():
         for head in [net.head, *net.ds_heads]:
@@ -260,7 +299,7 @@ def test_eval_step_inverse_is_the_swapped_pair():
         device=torch.device("cpu"),
         val_data_loader=DataLoader(PairDataset(pairs, transform=lambda c: c), batch_size=1),
         network=net,
-        iteration_update=RegistrationEvalStep(num_labels=3, inverse=True),
+        iteration_update=RegistrationEvalStep(num_labels=3, fixed_to_moving=True),
     )
     evaluator.run()
     out = evaluator.state.output
@@ -270,6 +309,6 @@ def test_eval_step_inverse_is_the_swapped_pair():
         net.eval()
         expected_fwd, expected_inv = net(torch.cat([m, f], 1)), net(torch.cat([f, m], 1))
     assert torch.allclose(out["ddf"].reshape(expected_fwd.shape), expected_fwd, atol=1e-5)
-    assert torch.allclose(out["ddf_inverse"].reshape(expected_inv.shape), expected_inv, atol=1e-5)
+    assert torch.allclose(out["ddf_fixed_to_moving"].reshape(expected_inv.shape), expected_inv, atol=1e-5)
     assert not torch.allclose(expected_fwd, expected_inv, atol=1e-3)
     assert "pred" not in out  # no labels, no Dice inputs

@@ -1,5 +1,7 @@
 """Tests of scripts/networks.py: identity at initialisation, output shapes and ranges, one set of
-weights for both directions, the authors' size, configurability, input checks and TorchScript tracing."""
+weights for both directions, the authors' size, configurability, input checks, g and its integration in
+float32 under a bfloat16 autocast, and TorchScript scripting and tracing (also with channels_last_3d
+weights). The inferers (low-memory, bfloat16) are tested in tests/test_inferers.py."""
 
 import warnings
 
@@ -7,7 +9,7 @@ import pytest
 import torch
 
 from scripts.deformation import gradient_to_ddf, warp_image
-from scripts.networks import SpatialGradientRegNet
+from scripts.networks import SpatialGradientRegNet, logits_to_gradient
 
 SMALL = dict(channels=(4, 8, 16, 32, 64))  # default depth (5 levels, 4 deep-supervision heads), tiny widths
 SIZE = (16, 16, 32)  # divisible by 16; anisotropic so an axis mix-up would show
@@ -66,34 +68,6 @@ def test_final_output_is_first_and_matches_eval():
     assert torch.allclose(ddf, gradient_to_ddf(g[:, 0]), atol=1e-4)  # float32 rounding of a cumulative sum
     # the deep-supervision heads differ from the final head
     assert not torch.allclose(g[:, 0], g[:, 1])
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [{}, {"act": "relu", "decoder_residual": False, "in_channels": 3}, {"norm": ("instance", {"affine": True})}],
-    ids=["mri", "ct", "affine-norm"],
-)
-@pytest.mark.parametrize("slab_voxels", [1, 100, 4096], ids=["one-slice-slabs", "uneven-slabs", "two-slabs"])
-def test_low_memory_eval_equals_plain_forward(kwargs, slab_voxels):
-    # Without autograd the eval forward runs slab by slab with in-place normalisation (full-volume CT
-    # within CPU memory); with autograd it is the plain module forward. In float64 both must agree to
-    # rounding: a slab-boundary or normalisation mistake would show as an O(0.1 voxel) difference.
-    net = randomise_heads(SpatialGradientRegNet(**SMALL, **kwargs), scale=0.1).double().eval()
-    if "norm" in kwargs:  # non-trivial affine parameters
-        with torch.no_grad():
-            for m in net.modules():
-                if isinstance(m, torch.nn.InstanceNorm3d):
-                    m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
-    net.slab_voxels = slab_voxels
-    image = pair(in_channels=net.in_channels).double()
-    with torch.no_grad():
-        lean = net(image)
-    plain = net(image)
-    assert lean.abs().max() > 1  # a real deformation, not the identity
-    assert torch.allclose(plain, lean, rtol=0, atol=1e-9), float((plain - lean).abs().max())
-    # the plain (autograd) path is differentiable, e.g. for test-time optimisation
-    plain.square().mean().backward()
-    assert all(p.grad is not None for p in net.encoder.parameters())
 
 
 def test_both_directions_share_all_weights():
@@ -191,19 +165,69 @@ def test_clear_input_errors(shape, expected, given):
     assert err.match(given)
 
 
+# --------------------------------------------------------------------------- precision
+def test_gradient_is_float32_in_open_interval_under_bfloat16_autocast():
+    # bfloat16 rounds sigmoid(7) to exactly 1, i.e. g = 2; the cast before the sigmoid keeps g < 2.
+    logits = torch.tensor([-7.0, -1.0, 0.0, 1.0, 7.0], dtype=torch.bfloat16)
+    assert torch.equal(2 * torch.sigmoid(logits)[-1], torch.tensor(2.0, dtype=torch.bfloat16))
+    g = logits_to_gradient(logits)
+    assert g.dtype == torch.float32 and (g > 0).all() and (g < 2).all()
+    assert logits_to_gradient(logits.double()).dtype == torch.float64  # never lowers the precision
+    # the network's training outputs (what the loss integrates) are float32 under autocast too
+    net = randomise_heads(SpatialGradientRegNet(**SMALL, deep_supervision=False)).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(pair(batch=1))
+        assert net.head(torch.zeros(1, 4, 3, 3, 3)).dtype == torch.bfloat16  # the autocast is active
+    assert all(g.dtype == torch.float32 for g in out.values())
+
+
 # --------------------------------------------------------------------------- export
-def test_jit_trace_matches_eager():
-    # float64: eager no-grad inference takes the low-memory path, the trace the plain one
-    net = randomise_heads(SpatialGradientRegNet(**SMALL)).double().eval()
-    example = pair(batch=1).double()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TracerWarnings of the shape checks and torch's deprecation notice
-        traced = torch.jit.trace(net, example)
+MEMORY_FORMATS = [torch.contiguous_format, torch.channels_last_3d]
+
+
+def _export_pair(memory_format):
+    """A random-head float64 network in eval mode, its weights in ``memory_format``, and a contiguous
+    float64 copy as the reference: float64, so that the compared paths differ only by rounding."""
+    ref = randomise_heads(SpatialGradientRegNet(**SMALL)).double().eval()
+    net = SpatialGradientRegNet(**SMALL).double().eval()
+    net.load_state_dict(ref.state_dict())
+    net = net.to(memory_format=memory_format)
+    assert net.head.weight.is_contiguous(memory_format=memory_format)
+    return ref, net
+
+
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS, ids=["contiguous", "channels_last_3d"])
+def test_jit_script_matches_eager(memory_format, tmp_path):
+    # what `monai.bundle ckpt_export` does by default (torch.jit.script, then torch.jit.save)
+    ref, net = _export_pair(memory_format)
+    torch.jit.save(torch.jit.script(net), str(tmp_path / "model.ts"))
+    scripted = torch.jit.load(str(tmp_path / "model.ts"))
     new = pair(batch=1, seed=7).double()
     with torch.no_grad():
-        eager, scripted = net(new), traced(new)
+        eager, out = ref(new), scripted(new)
     assert eager.abs().max() > 1e-3  # not the zero field
-    assert torch.allclose(eager, scripted, atol=1e-9)
+    assert out.shape == (1, 3, *SIZE) and torch.allclose(eager, out, rtol=0, atol=1e-9)
+    # the training branch is compiled as well and returns the same gradients
+    with torch.no_grad():
+        eager_train, out_train = ref.train()(new), scripted.train()(new)
+    assert set(out_train) == {"grad_mf", "grad_fm"}
+    assert all(torch.allclose(eager_train[k], out_train[k], rtol=0, atol=1e-9) for k in eager_train)
+    # and so are the input checks, with the eager messages
+    with pytest.raises(Exception, match=r"divisible by 16, got \(16, 16, 24\)"):
+        scripted.eval()(torch.zeros(1, 2, 16, 16, 24, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS, ids=["contiguous", "channels_last_3d"])
+def test_jit_trace_matches_eager(memory_format):
+    ref, net = _export_pair(memory_format)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings of the shape checks and torch's deprecation notice
+        traced = torch.jit.trace(net, pair(batch=1).double())
+    new = pair(batch=1, seed=7).double()
+    with torch.no_grad():
+        eager, out = ref(new), traced(new)
+    assert eager.abs().max() > 1e-3  # not the zero field
+    assert torch.allclose(eager, out, rtol=0, atol=1e-9)
 
 
 # --------------------------------------------------------------------------- channels_last_3d (train.json's default)

@@ -1,9 +1,9 @@
 """scripts/prepare_cohorts.py on the two real CTs of ../shared/data/abdomen_ct_samples (subject A:
 NIfTI, 3 mm; subject B: a DICOM series with a label file stored in another orientation): two
 cohorts on one 2 mm grid around a reference scan, translation recovery on a shifted copy of A, and
-bad cohort declarations refused before anything is written."""
+bad cohort declarations refused before anything is written, and the output folder written whole,
+with normal permissions, replaced only once the new one is complete."""
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -22,7 +22,7 @@ from scripts.cohorts import (
     load_cohorts,
 )
 from tests.test_bundle import ROOT
-from tests.test_ct import A_CT, A_LAB, B_DICOM, B_LAB, CT, LIVER
+from tests.test_ct import A_CT, A_LAB, B_DICOM, B_LAB, CT, LIVER, UMASK, assert_normal_permissions, fingerprint
 
 pytestmark = pytest.mark.skipif(not CT.is_dir(), reason="needs ../shared/data/abdomen_ct_samples")
 
@@ -35,11 +35,12 @@ SHIFT_MM = 20.0  # NIfTI (RAS) x of the shifted copy of A
 CROP = 8  # top slices removed from the shifted copy: its centre moves 12 mm, the anatomy does not
 
 
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "scripts.prepare_cohorts", *map(str, args)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+def cli(*args, ulimit: str | None = None):
+    """``python -m scripts.prepare_cohorts ARGS`` under ``UMASK`` and, with ``ulimit``, that bash limit."""
+    cmd = [sys.executable, "-m", "scripts.prepare_cohorts", *map(str, args)]
+    if ulimit:
+        cmd = ["bash", "-c", f'ulimit {ulimit} && exec "$@"', "bash", *cmd]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False, umask=UMASK)
 
 
 def ok(proc):
@@ -55,11 +56,6 @@ def cohort(name, image, label=None, labels=None, **extra):
 def write_cohorts(path, cohorts):
     path.write_text(json.dumps(cohorts))
     return path
-
-
-def fingerprint(paths):
-    files = [f for p in paths for f in (sorted(p.iterdir()) if p.is_dir() else [p])]
-    return {str(f): (f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).hexdigest()) for f in files}
 
 
 def load(path):
@@ -83,16 +79,17 @@ def two_cohorts(tmp_path_factory):
     spec = [cohort("a", A_CT, A_LAB, A_LABELS), cohort("b", B_DICOM, B_LAB, B_LABELS, annotated=["liver", "spleen"])]
     cohorts = write_cohorts(tmp / "cohorts.json", spec)
     inputs = [A_CT, A_LAB, B_DICOM, B_LAB]
-    before = fingerprint(inputs)
+    before = fingerprint(*inputs)
     out = tmp / "prepared"
     proc = ok(cli("--cohorts", cohorts, "--reference", A_CT, "--out_dir", out, "--align", "center", *SIZE))
-    return {"out": out, "spec": spec, "proc": proc, "before": before, "after": fingerprint(inputs)}
+    return {"out": out, "spec": spec, "proc": proc, "before": before, "after": fingerprint(*inputs)}
 
 
 def test_two_cohorts_land_on_one_grid_with_their_own_label_ids(two_cohorts):
     out, proc = two_cohorts["out"], two_cohorts["proc"]
     assert [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("[")] == ["[1/2] a ct", "[2/2] b dicom"]
     assert two_cohorts["after"] == two_cohorts["before"]  # inputs only read
+    assert_normal_permissions(out)  # the published staging folder too, not mkdtemp's 0o700
     # the prepared cohort list is usable as it is, relative paths resolved against its folder
     cohorts = load_cohorts(str(out / "cohorts.json"))
     assert [c["data"] for c in cohorts] == [str(out / "a" / "dataset.json"), str(out / "b" / "dataset.json")]
@@ -252,3 +249,34 @@ def test_existing_output_is_refused_or_replaced_whole(tmp_path):
     assert prepare_cohorts.main([*map(str, args), "--overwrite"]) == 0  # in-process: no second interpreter start
     assert sorted(p.name for p in out.iterdir()) == ["a", "cohorts.json"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["prepared"]  # no temporary folder left
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--spacing", "0"], "spacing must be a number of millimetres in (0, 10], got 0.0"),
+     (["--spacing", "0.3"], "is more than the maximum of 67,108,864 voxels")],
+    ids=["spacing-0", "grid-too-large"],
+)  # fmt: skip
+def test_unusable_grid_is_refused_before_anything_is_written(tmp_path, args, message):
+    cohorts = write_cohorts(tmp_path / "cohorts.json", [cohort("a", A_CT, A_LAB, A_LABELS)])
+    out = tmp_path / "out" / "prepared"
+    proc = cli("--cohorts", cohorts, "--reference", A_CT, "--out_dir", out, *args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_overwrite_leaves_the_old_folder_whole(tmp_path):
+    # a 16 KiB file size limit fails the first image write as a full disk does: the old results stay
+    cohorts = write_cohorts(tmp_path / "cohorts.json", [cohort("a", A_CT, A_LAB, A_LABELS)])
+    out = tmp_path / "out" / "prepared"
+    out.mkdir(parents=True)
+    (out / "old.txt").write_text("earlier run")
+    proc = cli("--cohorts", cohorts, "--reference", A_CT, "--out_dir", out, "--align", "center", *SIZE, "--overwrite",
+               ulimit="-f 16")  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]  # after niftilib's own "** ERROR: NWAD" line
+    assert last.startswith(f"error: cannot write {out / 'a' / 'imagesTr' / 'ct.nii.gz'}: written incompletely"), last
+    assert "Traceback" not in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["old.txt"] and (out / "old.txt").read_text() == "earlier run"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["prepared"]  # no staging folder left

@@ -143,7 +143,7 @@ def test_seg_inference_label_maps_on_each_scans_grid(trained, data, tmp_path):
             )
         annotated_ids = [ORGAN[o] for o in annotated]
         assert np.isin(seg[gt == 0], annotated_ids).sum() == 0
-    assert not list(tmp_path.parent.glob(f".{tmp_path.name}.partial*"))  # the staging folder became tmp_path
+    assert not list(tmp_path.parent.glob(f".tmp-*-{tmp_path.name}"))  # the staging folder became tmp_path
 
     # A second run into the same, now non-empty, folder is refused before any work; nothing changes.
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}

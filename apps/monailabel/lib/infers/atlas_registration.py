@@ -3,7 +3,7 @@
 The datastore image is the FIXED image. Each atlas (an image with its label map) is registered onto
 it by the bundle's network (moving = atlas), the atlas label map is warped with nearest neighbour,
 and the warped label maps are combined by majority vote. The result goes back to the image's own
-voxel grid (MONAI's inverse of the bundle's ResizeWithPadOrCropd) with the image's affine.
+voxel grid (MONAI's inverse of the bundle's padding, SpatialPadd and DivisiblePadd) with the image's affine.
 
 Everything model-related comes from the bundle, parsed with ``monai.bundle.ConfigParser`` from
 ``configs/inference.json`` (the keys MONAI Label's bundle tasks read: ``network_def``,
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.transforms import Compose, ResizeWithPadOrCropd
+from monai.transforms import Compose, SpatialPadd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.class_utils import unload_module
@@ -116,8 +116,8 @@ class CheckHippocampusMRd:
         return data
 
 
-class ToImageGridd:
-    """Last post step: the vote, already mapped back by the inverse of the bundle's pad/crop, must lie
+class CheckImageGridd:
+    """Last post step: the vote, already mapped back by the inverse of the bundle's padding, must lie
     on the input image's grid; drop the channel and hand the image's own affine to the writer."""
 
     def __init__(self, key: str = "pred", ref: str = "image") -> None:
@@ -303,8 +303,8 @@ class AtlasRegistration(BasicInferTask):
     def pre_transforms(self, data=None) -> Sequence[Callable]:
         pre = self._parsed("preprocessing")
         pre = list(pre.transforms) if isinstance(pre, Compose) else list(pre)
-        # refuse images the atlases do not cover, before they are padded / cropped
-        at = next((i for i, t in enumerate(pre) if isinstance(t, ResizeWithPadOrCropd)), len(pre))
+        # refuse images the atlases do not cover, before they are padded
+        at = next((i for i, t in enumerate(pre) if isinstance(t, SpatialPadd)), len(pre))
         pre.insert(at, CheckHippocampusMRd(self.spatial_size))
         return pre
 
@@ -322,7 +322,7 @@ class AtlasRegistration(BasicInferTask):
             raise InvalidRequestError(f"{where}cannot be used as a 3-D hippocampus MRI: {message}") from e
 
     def inverse_transforms(self, data=None):
-        return []  # every invertible pre-transform: the bundle's ResizeWithPadOrCropd
+        return []  # every invertible pre-transform: the bundle's SpatialPadd and DivisiblePadd
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
         fixed = data[self.input_key]
@@ -342,7 +342,7 @@ class AtlasRegistration(BasicInferTask):
                 ddf = inferer(torch.cat([atlas["image"], fixed_batch], dim=1), network)
                 warped.append(self._deformation.warp_labels_nearest(atlas["label"], ddf)[0, 0])
         vote = majority_vote(warped, self.num_labels).to(torch.uint8)[None].cpu()
-        # the image's metadata and applied operations, so that the bundle's ResizeWithPadOrCropd can be inverted
+        # the image's metadata and applied operations, so that the bundle's padding can be inverted
         pred = MetaTensor(vote, meta=copy.deepcopy(fixed.meta), applied_operations=copy.deepcopy(fixed.applied_operations))
         data[self.output_label_key] = pred
         data[self.output_json_key] = {
@@ -353,9 +353,8 @@ class AtlasRegistration(BasicInferTask):
         return data
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
-        post = self._parsed("postprocessing")
-        post = list(post.transforms) if isinstance(post, Compose) else list(post or [])
-        return [*post, ToImageGridd(self.output_label_key, self.input_key)]
+        # not the bundle's postprocessing: that writes registration outputs (fields, warped images)
+        return [CheckImageGridd(self.output_label_key, self.input_key)]
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None):
         return super().writer(data, extension=extension, dtype=dtype or np.uint8)

@@ -1,0 +1,207 @@
+"""Inferers for ``SpatialGradientRegNet``: the plain forward pass, and a low-memory evaluation of the
+same function for volumes too large for it (full abdominal CT on CPU); each in float32 or bfloat16.
+
+Both are MONAI ``Inferer``s, called like ``SimpleInferer``: ``ddf = inferer(image, network)`` with
+image (B, 2 * C, H, W, D) = [moving, fixed] on channels and ddf (B, 3, H, W, D) in voxels, float32,
+channel i along tensor axis i + 2 (MONAI ``Warp`` convention). The network is the same module in
+every config; a config picks the inferer with its ``inferer`` key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import Inferer
+from monai.networks.blocks import Convolution
+from torch import nn
+
+from scripts.deformation import gradient_to_ddf
+from scripts.networks import SpatialGradientRegNet, logits_to_gradient
+
+__all__ = ["RegistrationInferer", "LowMemoryRegistrationInferer"]
+
+
+class RegistrationInferer(Inferer):
+    """``network(image)``, optionally with the convolutions in bfloat16.
+
+    Args:
+        dtype: "float32" (default; also ``torch.float32``): the network as it is, no autocast of its
+            own (an enclosing autocast, e.g. an engine's ``amp``, still applies). "bfloat16": the
+            forward pass runs under ``torch.autocast(dtype=torch.bfloat16)``; the network computes g
+            from the heads' logits in float32 (``scripts.networks.logits_to_gradient``) and
+            integrates it in float32, so the DDF is float32 either way.
+            bfloat16 halves the activations' memory; it is faster only where the hardware computes
+            in bfloat16 (GPUs, CPUs with AVX512-BF16 or AMX): on an AVX2-only CPU its convolutions
+            were about 25 times slower than float32.
+
+    ``__call__(inputs, network)``: inputs (B, 2 * C, H, W, D); network a ``SpatialGradientRegNet``,
+    possibly wrapped (DistributedDataParallel) or TorchScript -> what the network returns: in eval
+    mode the DDF (B, 3, H, W, D) in voxels.
+    """
+
+    def __init__(self, dtype: str | torch.dtype = "float32") -> None:
+        super().__init__()
+        self.dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if self.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+
+    def _autocast(self, device: torch.device):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
+        with self._autocast(inputs.device):
+            return network(inputs)
+
+
+class LowMemoryRegistrationInferer(RegistrationInferer):
+    """The eval-mode DDF of ``SpatialGradientRegNet`` with each full-resolution feature map existing
+    about once, so that a full abdominal CT pair (2 x 3 x 192 x 160 x 256) fits in CPU memory.
+
+    The plain forward pass peaks near 10 GB there: both images are encoded as one batch, every skip is
+    concatenated at full size, and each full-resolution convolution needs about three times its output
+    (oneDNN copies input and output into a blocked layout). Here the same weights compute the same
+    function (equal to the plain forward to rounding; tested to 1e-9 in float64) with: the images
+    encoded one after the other and their difference taken in place, each skip freed once decoded,
+    every convolution run in slabs of about ``slab_voxels`` output voxels along the first spatial axis
+    (skip concatenation per slab), instance norm and activation in place. The integration is not
+    tiled: the cumulative sum runs over the whole axis, in float32.
+
+    Args:
+        slab_voxels: output voxels per slab and channel (the plane size times the slab thickness).
+            Volumes of at most this many voxels run the plain forward pass, which is faster there.
+        dtype: as ``RegistrationInferer``; with "bfloat16" the images, activations, slabs and the
+            weights are bfloat16 end to end (half the memory); the head's logits are cast to
+            float32, so g and its cumulative sum are float32.
+
+    ``__call__(inputs, network)``: inputs (B, 2 * C, H, W, D); network an eval-mode
+    ``SpatialGradientRegNet``, or one wrapped in (Distributed)DataParallel -> ddf (B, 3, H, W, D) in
+    voxels, float32 (float64 for a float64 network and input with dtype "float32"). Runs without
+    autograd: the result is not differentiable (use ``RegistrationInferer`` for that).
+    """
+
+    def __init__(self, slab_voxels: int = 2**21, dtype: str | torch.dtype = "float32") -> None:
+        super().__init__(dtype)
+        if int(slab_voxels) < 1:
+            raise ValueError(f"slab_voxels must be a positive number of voxels, got {slab_voxels}")
+        self.slab_voxels = int(slab_voxels)
+
+    @torch.no_grad()
+    def __call__(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
+        net = network.module if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else network
+        if not isinstance(net, SpatialGradientRegNet):
+            raise TypeError(
+                f"{type(self).__name__} evaluates the layers of a SpatialGradientRegNet, got {type(net).__name__}; "
+                "use RegistrationInferer for other networks (e.g. a TorchScript export)"
+            )
+        if net.training:
+            raise ValueError(f"{type(self).__name__} computes the eval-mode DDF: call network.eval() first")
+        net.check_input(inputs)
+        if inputs[0, 0].numel() <= self.slab_voxels:
+            return super().__call__(inputs, network)
+        # A plain tensor: MONAI's MetaTensor (what evaluators pass) would track metadata through every slab
+        # operation. float32 leaves the dtype as it is (float64 in the tests), as the plain forward pass does.
+        x = inputs.as_subclass(torch.Tensor)
+        x = x.to(torch.bfloat16) if self.dtype == torch.bfloat16 else x
+        c, v = net.in_channels, self.slab_voxels
+        diffs = _encode(net, x[:, :c], v)
+        for d, f in zip(diffs, _encode(net, x[:, c:], v)):
+            d.sub_(f)
+        y = diffs.pop()
+        for block in net.decoder.up:
+            skip = diffs.pop()
+            up = _block_slabs(block.up, [y], v)
+            del y
+            y = _block_slabs(block.first, [up, skip], v)
+            del up, skip
+            z = y
+            for conv in block.rest:
+                z = _block_slabs(conv, [z], v)
+            y = z.add_(y) if block.residual else z
+        logits = _conv_slabs(net.head, [y], v)
+        del y
+        return gradient_to_ddf(logits_to_gradient(logits))
+
+
+def _encode(net: SpatialGradientRegNet, x: torch.Tensor, slab_voxels: int) -> list[torch.Tensor]:
+    """``net.encoder(x)`` slab by slab: x (B, C, H, W, D) -> the encoder's feature maps."""
+    enc = net.encoder
+    a = _block_slabs(enc.in_conv1, [x], slab_voxels)
+    feats = [a.add_(_block_slabs(enc.in_conv2, [a], slab_voxels))]
+    for block in enc.down:
+        y = feats[-1]
+        for conv in block:
+            y = _block_slabs(conv, [y], slab_voxels)
+        feats.append(y)
+    return feats
+
+
+def _block_slabs(block: Convolution, inputs: Sequence[torch.Tensor], slab_voxels: int) -> torch.Tensor:
+    """A MONAI ``Convolution`` block (conv, then norm / dropout / act) on ``torch.cat(inputs, 1)``."""
+    x = _conv_slabs(block.conv, inputs, slab_voxels)
+    return _adn_inplace(block.adn, x) if hasattr(block, "adn") else x
+
+
+def _conv_slabs(conv: nn.Module, inputs: Sequence[torch.Tensor], slab_voxels: int) -> torch.Tensor:
+    """``conv(torch.cat(inputs, 1))`` computed in slabs of about ``slab_voxels`` output voxels along
+    the first spatial axis (contiguous blocks); the concatenation only ever exists for one slab.
+
+    inputs: (B, C_k, H, W, D) each, of one dtype, which is also the output's: the weights are cast to
+    it. Conv3d (any kernel, stride and zero padding) and ConvTranspose3d with kernel == stride and no
+    padding."""
+    if conv.dilation != (1, 1, 1) or conv.groups != 1 or getattr(conv, "padding_mode", "zeros") != "zeros":
+        raise NotImplementedError(f"slab-wise evaluation does not support {conv}")
+    first = inputs[0]
+    weight = conv.weight.to(first.dtype)
+    bias = None if conv.bias is None else conv.bias.to(first.dtype)
+    n_in = first.shape[2]
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    transposed = isinstance(conv, nn.ConvTranspose3d)
+    if transposed:
+        if conv.kernel_size != conv.stride or conv.padding != (0, 0, 0) or conv.output_padding != (0, 0, 0):
+            raise NotImplementedError(f"slab-wise evaluation does not support {conv}")
+        n_out = n_in * s
+        plane = [n * st for n, st in zip(first.shape[3:], conv.stride[1:])]
+    else:
+        n_out = (n_in + 2 * p - k) // s + 1
+        plane = [
+            (n + 2 * pp - kk) // st + 1
+            for n, pp, kk, st in zip(first.shape[3:], conv.padding[1:], conv.kernel_size[1:], conv.stride[1:])
+        ]
+    out = first.new_empty((first.shape[0], conv.out_channels, n_out, *plane))
+    step = max(1, slab_voxels // (plane[0] * plane[1]))
+    if transposed:
+        step = max(s, step - step % s)
+    for a in range(0, n_out, step):
+        b = min(a + step, n_out)
+        if transposed:
+            x = torch.cat([t[:, :, a // s : b // s] for t in inputs], 1)
+            out[:, :, a:b] = F.conv_transpose3d(x, weight, bias, conv.stride)
+            continue
+        lo, hi = a * s - p, (b - 1) * s - p + k  # input slices needed, in zero-padded coordinates
+        x = torch.cat([t[:, :, max(lo, 0) : min(hi, n_in)] for t in inputs], 1)
+        if lo < 0 or hi > n_in:
+            x = F.pad(x, (0, 0, 0, 0, max(-lo, 0), max(hi - n_in, 0)))
+        out[:, :, a:b] = F.conv3d(x, weight, bias, (s, *conv.stride[1:]), (0, *conv.padding[1:]))
+    return out
+
+
+def _adn_inplace(adn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """MONAI's ADN (norm / dropout / activation) applied in place where the layer allows it; x (B, C, H, W, D)."""
+    for layer in adn.children():
+        if isinstance(layer, nn.InstanceNorm3d) and not layer.track_running_stats:
+            var, mean = torch.var_mean(x, dim=(2, 3, 4), keepdim=True, correction=0)
+            x.sub_(mean).mul_(torch.rsqrt(var + layer.eps))
+            if layer.affine:
+                x.mul_(layer.weight.view(1, -1, 1, 1, 1)).add_(layer.bias.view(1, -1, 1, 1, 1))
+        elif isinstance(layer, nn.LeakyReLU):
+            F.leaky_relu_(x, layer.negative_slope)
+        elif isinstance(layer, nn.ReLU):
+            x.relu_()
+        elif not isinstance(layer, (nn.Dropout, nn.Dropout3d, nn.Identity)):  # dropout is off in eval
+            x = layer(x)
+    return x

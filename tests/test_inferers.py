@@ -1,0 +1,223 @@
+"""Tests of scripts/inferers.py: the low-memory inferer computes the plain forward pass's DDF (float64,
+to rounding) with about half its peak tensor memory, for bare, DataParallel / DistributedDataParallel
+and channels_last_3d networks; bfloat16 runs the convolutions in bfloat16 and g and its cumulative sum
+in float32, within a stated distance of the float32 DDF; the CT overlay selects the low-memory inferer."""
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+from torch.profiler import ProfilerActivity, profile
+
+import scripts.inferers
+import scripts.networks
+from scripts.deformation import gradient_to_ddf
+from scripts.inferers import LowMemoryRegistrationInferer, RegistrationInferer
+from scripts.networks import SpatialGradientRegNet
+from tests.test_networks import SMALL, pair, randomise_heads
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def peak_tensor_bytes(fn) -> int:
+    """Peak bytes of live CPU tensors while ``fn()`` runs, from the profiler's allocation records (what
+    torch allocates; not oneDNN's own scratch buffers, which scale with the same tensors)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+# --------------------------------------------------------------------------- low memory, same function
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"act": "relu", "decoder_residual": False, "in_channels": 3}, {"norm": ("instance", {"affine": True})}],
+    ids=["mri", "ct", "affine-norm"],
+)
+@pytest.mark.parametrize("slab_voxels", [1, 100, 4096], ids=["one-slice-slabs", "uneven-slabs", "two-slabs"])
+def test_low_memory_equals_plain_forward(kwargs, slab_voxels):
+    # In float64 both must agree to rounding: a slab-boundary or normalisation mistake would show as an
+    # O(0.1 voxel) difference.
+    net = randomise_heads(SpatialGradientRegNet(**SMALL, **kwargs), scale=0.1).double().eval()
+    if "norm" in kwargs:  # non-trivial affine parameters
+        with torch.no_grad():
+            for m in net.modules():
+                if isinstance(m, torch.nn.InstanceNorm3d):
+                    m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+    image = pair(in_channels=net.in_channels).double()
+    lean = LowMemoryRegistrationInferer(slab_voxels=slab_voxels)(image, net)
+    plain = RegistrationInferer()(image, net)
+    assert lean.abs().max() > 1  # a real deformation, not the identity
+    assert lean.dtype == torch.float64 and not lean.requires_grad
+    assert torch.allclose(plain, lean, rtol=0, atol=1e-9), float((plain - lean).abs().max())
+    # the plain inferer keeps autograd, e.g. for test-time optimisation
+    plain.square().mean().backward()
+    assert all(p.grad is not None for p in net.encoder.parameters())
+
+
+def test_low_memory_halves_peak_tensor_memory():
+    # Three levels of 8 channels: the full-resolution maps dominate, as in the full network. In units of
+    # one full-resolution feature map (1 x 8 x H x W x D float32), measured: plain forward 8.6 (both
+    # images as one batch, skips concatenated whole), low-memory 4.2, low-memory bfloat16 2.3.
+    net = randomise_heads(SpatialGradientRegNet(channels=(8, 8, 8), encoder_convs=(1, 1), decoder_convs=(2, 2))).eval()
+    image = pair(batch=1)
+    feature_map = 8 * image[0, 0].numel() * 4
+    peaks = {}
+    for name, inferer in {
+        "plain": RegistrationInferer(),
+        "low": LowMemoryRegistrationInferer(slab_voxels=1024),
+        "low-bf16": LowMemoryRegistrationInferer(slab_voxels=1024, dtype="bfloat16"),
+    }.items():
+        with torch.no_grad():
+            peaks[name] = peak_tensor_bytes(lambda: inferer(image, net)) / feature_map
+    assert peaks["plain"] > 6, peaks  # the measurement sees the plain pass's maps
+    assert peaks["low"] < 0.55 * peaks["plain"], peaks
+    assert peaks["low-bf16"] < 0.6 * peaks["low"], peaks
+
+
+def test_small_volume_runs_the_plain_forward():
+    # at most slab_voxels voxels: one slab, the plain pass (faster) gives the result bit for bit
+    net = randomise_heads(SpatialGradientRegNet(**SMALL)).eval()
+    image = pair(batch=1)
+    with torch.no_grad():
+        assert torch.equal(LowMemoryRegistrationInferer(slab_voxels=image[0, 0].numel())(image, net), net(image))
+
+
+def test_metatensor_input():
+    # evaluators pass MONAI MetaTensors; the slabs run on plain tensors, with the same result
+    net = randomise_heads(SpatialGradientRegNet(**SMALL)).eval()
+    image = pair(batch=1)
+    inferer = LowMemoryRegistrationInferer(slab_voxels=1024)
+    with torch.no_grad():
+        ddf = inferer(MetaTensor(image, meta={"filename_or_obj": "pair.nii.gz"}), net)
+        assert type(ddf) is torch.Tensor and torch.equal(ddf, inferer(image, net))
+
+
+@pytest.mark.parametrize("wrapper", ["DataParallel", "DistributedDataParallel"])
+def test_wrapped_network(wrapper, tmp_path):
+    net = randomise_heads(SpatialGradientRegNet(**SMALL)).eval()
+    image = pair(batch=1)
+    if wrapper == "DistributedDataParallel":  # a one-process group, as multi_gpu_train.json builds on CPU
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = getattr(torch.nn.parallel, wrapper)(net)
+        with torch.no_grad():
+            lean, bare = LowMemoryRegistrationInferer(slab_voxels=1024)(image, wrapped), net(image)
+            plain = RegistrationInferer()(image, wrapped)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert lean.abs().max() > 1e-2
+    assert torch.allclose(lean, bare, atol=1e-4)  # float32 rounding, different summation order
+    assert torch.equal(plain, bare)
+
+
+def test_channels_last_weights():
+    # train.json stores the weights channels_last_3d; checkpoints and networks built from it reach the
+    # inferers that way
+    ref = randomise_heads(SpatialGradientRegNet(**SMALL), scale=0.1).double().eval()
+    net = SpatialGradientRegNet(**SMALL).double().eval()
+    net.load_state_dict(ref.state_dict())
+    net = net.to(memory_format=torch.channels_last_3d)
+    assert net.encoder.in_conv1.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    image = pair().double()
+    with torch.no_grad():
+        expected = ref(image)
+        lean = LowMemoryRegistrationInferer(slab_voxels=100)(image, net)
+        plain = RegistrationInferer()(image, net)
+        bf16 = LowMemoryRegistrationInferer(slab_voxels=100, dtype="bfloat16")(image.float(), net.float())
+    assert expected.abs().max() > 1
+    assert torch.allclose(lean, expected, rtol=0, atol=1e-9)
+    assert torch.allclose(plain, expected, rtol=0, atol=1e-9)
+    assert bf16.dtype == torch.float32 and (bf16 - expected).abs().mean() < 0.5
+
+
+# --------------------------------------------------------------------------- bfloat16
+@pytest.fixture
+def seen_gradients(monkeypatch):
+    """The g handed to ``gradient_to_ddf`` by the network and by the low-memory inferer, in call order."""
+    seen = []
+
+    def recording(grad):
+        seen.append(grad.detach().clone())
+        return gradient_to_ddf(grad)
+
+    monkeypatch.setattr(scripts.networks, "gradient_to_ddf", recording)
+    monkeypatch.setattr(scripts.inferers, "gradient_to_ddf", recording)
+    return seen
+
+
+INFERERS_BF16 = {
+    "plain": RegistrationInferer(dtype="bfloat16"),
+    "low-memory": LowMemoryRegistrationInferer(slab_voxels=1024, dtype=torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("name", INFERERS_BF16)
+def test_bfloat16_integrates_float32_gradient_in_open_interval(name, seen_gradients):
+    # Crafted head bias: logits near +8 on axis 0, where bfloat16 rounds sigmoid to exactly 1 (g = 2),
+    # and near -8 on axis 1 (g near 0); a float32 g stays strictly inside (0, 2).
+    net = randomise_heads(SpatialGradientRegNet(**SMALL), scale=0.05).eval()
+    with torch.no_grad():
+        net.head.bias.copy_(torch.tensor([8.0, -8.0, 0.0]))
+    with torch.no_grad():
+        ddf = INFERERS_BF16[name](pair(batch=1), net)
+    (g,) = seen_gradients
+    assert g.dtype == torch.float32 and ddf.dtype == torch.float32
+    assert (g > 0).all() and (g < 2).all()
+    assert g[:, 0].min() > 1.99 and g[:, 1].max() < 0.01  # the crafted saturation is reached
+    # the cumulative sum ran in float32: it equals the float64 integration of the same g to float32
+    # rounding (a bfloat16 sum would be off by about 0.03 voxel at |ddf| ~ 16)
+    assert ddf[:, 0].abs().max() > 15
+    assert torch.allclose(ddf.double(), gradient_to_ddf(g.double()), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", INFERERS_BF16)
+def test_bfloat16_ddf_close_to_float32(name):
+    # Tolerance: mean |bf16 - float32| < 0.15 voxel and max < 1.5 voxel. Measured here (|ddf| up to 3.9):
+    # plain 0.064 / 0.45, low-memory 0.044 / 0.38; over six random networks and pairs 0.04-0.10 / 0.38-1.13.
+    # A randomly initialised network is very sensitive to its input: merely rounding such images to
+    # bfloat16 and computing in float32 moves the DDF by up to 0.08 / 0.69 voxel.
+    net = randomise_heads(SpatialGradientRegNet(**SMALL), scale=0.05).eval()
+    image = pair(batch=1)
+    with torch.no_grad():
+        ref = net(image)
+        ddf = INFERERS_BF16[name](image, net)
+    assert ref.abs().max() > 3
+    err = (ddf - ref).abs()
+    assert err.max() > 0.01  # the convolutions did run in bfloat16 (the float32 paths agree to 2e-3)
+    assert err.mean() < 0.15 and err.max() < 1.5
+
+
+# --------------------------------------------------------------------------- arguments and configs
+def test_clear_errors():
+    net = SpatialGradientRegNet(**SMALL).eval()
+    image = pair(batch=1)
+    with pytest.raises(ValueError, match="'float32' or 'bfloat16', got 'float16'"):
+        RegistrationInferer(dtype="float16")
+    with pytest.raises(ValueError, match="slab_voxels must be a positive"):
+        LowMemoryRegistrationInferer(slab_voxels=0)
+    with pytest.raises(ValueError, match=r"call network.eval\(\)"):
+        LowMemoryRegistrationInferer()(image, net.train())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings of the input checks
+        exported = torch.jit.trace(net.eval(), image)
+    with pytest.raises(TypeError, match="use RegistrationInferer"):
+        LowMemoryRegistrationInferer()(image, exported)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        LowMemoryRegistrationInferer()(image[..., :24], net)
+
+
+def test_ct_overlay_selects_the_low_memory_inferer():
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / "inference.json"), str(ROOT / "configs" / "abdomen_ct.json")])
+    inferer = parser.get_parsed_content("inferer")
+    assert type(inferer) is LowMemoryRegistrationInferer
+    assert inferer.dtype == torch.float32 and inferer.slab_voxels == 2**21
