@@ -514,9 +514,9 @@ def staging_dir(output_dir: str) -> str:
     Refuses (naming it) an ``output_dir`` that is a file or a non-empty folder, so nothing is
     overwritten; creates nothing, and removes the staging folders of killed runs."""
     try:
-        check_output_dir(output_dir, overwrite=False)
+        check_output_dir(output_dir, overwrite=False, overwrite_option=None)
     except (FileExistsError, NotADirectoryError, PermissionError) as e:
-        raise CohortError(f"{e}; choose another --output_dir") from e
+        raise CohortError(str(e)) from e
     return staging_path(output_dir)
 
 

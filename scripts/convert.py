@@ -217,7 +217,7 @@ def msd_to_learn2reg(
     wanted = _parse_ids(ids)
     msd_dir, out_dir = os.path.abspath(str(msd_dir)), os.path.abspath(str(out_dir))
     try:
-        check_output_dir(out_dir, overwrite=False)  # before reading anything
+        check_output_dir(out_dir, overwrite=False, overwrite_option=None)  # before reading anything
     except (FileExistsError, NotADirectoryError, PermissionError) as e:
         raise ConversionError(str(e)) from e
 

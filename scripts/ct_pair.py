@@ -44,11 +44,11 @@ import numpy as np
 from scripts.files import check_output_dir, staged_dir
 from scripts.learn2reg import DatasetError, disp_name
 from scripts.metrics import dice_per_label
+from scripts.transforms import check_hounsfield
 
 __all__ = [
     "available_memory",
     "check_grid_args",
-    "check_hounsfield",
     "common_grid",
     "prealign_transform",
     "prepare",
@@ -71,12 +71,12 @@ PREALIGN_KINDS = ("none", "center", "translation", "affine")
 
 # Air is about -1000 HU and every abdominal CT holds some (outside the body, in the bowel): a scan with
 # no voxel below this has not been rescaled (DICOM RescaleSlope/Intercept, NIfTI scl_slope/scl_inter).
-HU_MAX_MINIMUM = -500.0
 # The network halves the grid 4 times; at 10 mm a 40 cm abdomen is 40 voxels, 2.5 at the coarsest level.
 MAX_SPACING_MM = 10.0
-# 8.5 times the AbdomenCTCT grid (192 x 160 x 256 = 7.9 M voxels), e.g. 406^3 voxels: full-volume CPU
-# inference took 5.3 GB on the AbdomenCTCT grid (docs/README.md), and its memory grows with the voxels.
-MAX_GRID_VOXELS = 2**26
+# The CT overlay's max_voxels (configs/abdomen_ct.json): 2.1 times the AbdomenCTCT grid (192 x 160 x
+# 256 = 7.9 M voxels), e.g. 256^3 voxels: full-volume CPU inference took 5.3 GB on the AbdomenCTCT grid
+# (docs/README.md), and its memory grows with the voxels. A prepared grid inference would refuse is refused here.
+MAX_GRID_VOXELS = 2**24
 # The pair as the CT overlay's network reads it: 2 images x 3 CT windows x float32. More than
 # prepare itself holds per voxel (two float32 images, two int16 label maps).
 PAIR_BYTES_PER_VOXEL = 2 * 3 * 4
@@ -94,24 +94,6 @@ def _last_line(error: Exception) -> str:
 
 def _matrix(image) -> np.ndarray:
     return np.array(itk.array_from_matrix(image.GetDirection()), dtype=float)
-
-
-def check_hounsfield(values, name: str, max_minimum: float = HU_MAX_MINIMUM) -> None:
-    """Refuses, naming ``name``, intensities that are not Hounsfield units: no voxel below
-    ``max_minimum`` (air, about -1000 HU, is in every abdominal CT). The one check used by
-    ``read_image`` and by the bundle's ``scripts.transforms.CheckHounsfieldd``.
-
-    Args:
-        values: the image, any shape, in HU: a numpy array, an ITK array view or a torch tensor.
-        name: the file, for the message.
-        max_minimum: HU; an image whose minimum is above it is refused.
-    """
-    low, high = float(values.min()), float(values.max())
-    if low > max_minimum:
-        raise DatasetError(
-            f"{name}: values {low:g}..{high:g} do not look like Hounsfield units (no voxel below {max_minimum:g}; "
-            "air is about -1000 HU): apply the rescale slope/intercept first"
-        )
 
 
 def _dicom_files(folder: str) -> list[str]:
@@ -496,7 +478,7 @@ def prepare(
     Order of the checks, each refusing with a message naming the file or argument before anything is
     written: the output folder (absent or empty, writable), the grid arguments, the fixed scan, the
     grid's size and memory, the moving scan, the label maps, the overlap after pre-alignment."""
-    check_output_dir(out_dir, overwrite=False)
+    check_output_dir(out_dir, overwrite=False, overwrite_option=None)
     check_grid_args(spacing, orientation, size)
     f_img = read_image(fixed)
     grid = common_grid(f_img, spacing, orientation, size=size, name=fixed)
@@ -611,7 +593,7 @@ def _dice_by_label(fixed, warped, moving) -> dict:
 def restore(prepared_dir: str, disp_dir: str, out_dir: str) -> dict:
     """Maps the registration of a prepared pair back to the fixed scan's own grid (see module doc).
     Every input is checked, and every output computed and found finite, before anything is written."""
-    check_output_dir(out_dir, overwrite=False)
+    check_output_dir(out_dir, overwrite=False, overwrite_option=None)
     record, grid, prealign = _read_prepared(prepared_dir)
     candidates = [os.path.join(disp_dir, disp_name(record["fixed_id"], record["moving_id"], s)) for s in ("long", "short")]
     disp = next((p for p in candidates if os.path.isfile(p)), None)

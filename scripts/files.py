@@ -142,10 +142,10 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
         nib.save(nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64)), tmp)
 
 
-def check_output_dir(output_dir: str, overwrite: bool = True) -> str:
+def check_output_dir(output_dir: str, overwrite: bool = True, overwrite_option: str | None = "--overwrite True") -> str:
     """Refuses, naming it, before any work is done, an output folder that cannot be created or
-    written into, and (``overwrite=False``) one that already exists and is not empty. Creates
-    nothing. Returns ``output_dir``."""
+    written into, and (``overwrite=False``) one that already exists and is not empty; the message
+    names the command's ``overwrite_option`` if it has one. Creates nothing. Returns ``output_dir``."""
     path = os.path.abspath(output_dir)
     existing = path
     while not os.path.exists(existing):  # also False below a regular file (ENOTDIR)
@@ -157,10 +157,8 @@ def check_output_dir(output_dir: str, overwrite: bool = True) -> str:
     if not os.access(parent, os.W_OK | os.X_OK) or (existing == path and not os.access(path, os.W_OK | os.X_OK)):
         raise PermissionError(f"output folder {output_dir}: {parent if existing != path else path} is not writable")
     if not overwrite and existing == path and _visible_entries(path):
-        raise FileExistsError(
-            f"output folder {output_dir} already exists and is not empty: choose another folder, or pass "
-            "--overwrite True to replace its content once the new results are complete"
-        )
+        how = f", or pass {overwrite_option} to replace its content once the new results are complete" if overwrite_option else ""
+        raise FileExistsError(f"output folder {output_dir} already exists and is not empty: choose another folder{how}")
     return output_dir
 
 
@@ -194,7 +192,9 @@ def publish_dir(staging: str, output_dir: str, overwrite: bool = False) -> str:
         os.rename(staging, path)
         return output_dir
     if not overwrite:
-        raise FileExistsError(f"output folder {output_dir} was filled by something else during this run; the results are in {staging}")
+        raise FileExistsError(
+            f"output folder {output_dir} was filled by something else during this run; this run's results were discarded"
+        )
     old = os.path.join(os.path.dirname(path), tmp_name("old-" + os.path.basename(path)))
     os.rename(path, old)
     os.rename(staging, path)
@@ -206,10 +206,11 @@ class staged_dir:
     """Context manager: a staging folder (``staging_path``) to write a whole folder of results into,
     published to ``path`` (``publish_dir``) on success and removed on failure.
 
-    ``path`` must be absent or empty unless ``overwrite`` (checked on entry, before any work)."""
+    ``path`` must be absent or empty unless ``overwrite`` (checked on entry, before any work;
+    ``overwrite_option`` as in ``check_output_dir``)."""
 
-    def __init__(self, path: str, overwrite: bool = False) -> None:
-        check_output_dir(path, overwrite=overwrite)
+    def __init__(self, path: str, overwrite: bool = False, overwrite_option: str | None = None) -> None:
+        check_output_dir(path, overwrite=overwrite, overwrite_option=overwrite_option)
         self.path, self.overwrite = path, overwrite
         self.tmp = staging_path(path)
 

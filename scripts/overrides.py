@@ -74,14 +74,15 @@ def _config_files(value: str) -> list[str]:
 
 
 def _lookup(config, path: list[str]):
+    """The node at ``path``; KeyError with the first missing prefix (``a#b``)."""
     node = config
-    for part in path:
+    for i, part in enumerate(path):
         if isinstance(node, dict) and part in node:
             node = node[part]
         elif isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
             node = node[int(part)]
         else:
-            raise KeyError(part)
+            raise KeyError("#".join(path[: i + 1]))
     return node
 
 
@@ -119,13 +120,11 @@ def check_overrides(argv: list[str] | None = None) -> None:
         try:
             parent = _lookup(config, path[:-1])
         except KeyError as e:
-            close = difflib.get_close_matches(path[0], known, n=3)
-            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
-            raise OverrideError(f"--{key}: the config files have no key {str(e)!r}{hint}") from None
+            raise OverrideError(f"--{key}: the config files have no {e.args[0]}") from None
         exists = isinstance(parent, dict) and path[-1] in parent
         if len(path) == 1 and not exists:
-            close = difflib.get_close_matches(path[0], known, n=3)
-            hint = f"did you mean {', '.join('--' + c for c in close)}?" if close else "see the config files for the keys"
+            close = difflib.get_close_matches(path[0], known, n=1)
+            hint = f"did you mean --{close[0]}?" if close else "see the config files for the keys"
             raise OverrideError(f"--{key}: unknown key for {', '.join(_config_files(given['config_file']))}; {hint}")
         if exists and isinstance(parent[path[-1]], bool):
             flag(_literal(text), key)

@@ -183,7 +183,7 @@ def prepare_cohorts(
     JSON file or a list of cohort dicts. Returns a summary: ``grid_size``, per cohort its
     ``cases`` and the ``missing_ids`` (declared label ids found in no prepared label map: cropped
     by the grid), and the ``seconds`` per case."""
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, overwrite_option="--overwrite")
     raw = cohorts
     if isinstance(cohorts, str):
         load_cohorts(cohorts)  # its message for an unreadable file
@@ -197,7 +197,7 @@ def prepare_cohorts(
     total = sum(len(cases) for _, cases in plan)
     summary = {"grid_size": [int(x) for x in itk.size(grid)], "cohorts": {}, "seconds": []}
     done = 0
-    with staged_dir(out_dir, overwrite) as tmp:
+    with staged_dir(out_dir, overwrite, overwrite_option="--overwrite") as tmp:
 
         def write(rel: str, writer) -> None:  # a failure names out_dir/rel, not the staging folder
             ct_pair.write_output(tmp, out_dir, rel, writer)

@@ -1,4 +1,5 @@
-"""Input checks that MONAI's loading transforms do not make, with messages that name the file."""
+"""Transforms MONAI lacks: input checks with messages that name the file, and putting registration
+outputs computed on a padded grid back on each image's own grid (``ToImageGridd``)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from scripts.ct_pair import HU_MAX_MINIMUM, check_hounsfield
+from scripts.learn2reg import DatasetError
 
 
-__all__ = ["CheckImageLabeld", "CheckHounsfieldd", "CheckDivisibled", "ToImageGridd", "pad_offsets"]
+__all__ = ["CheckDivisibled", "CheckHounsfieldd", "CheckImageLabeld", "HU_MAX_MINIMUM", "ToImageGridd", "check_hounsfield", "pad_offsets"]
+
+HU_MAX_MINIMUM = -500.0
 
 
 def _name(x) -> str:
@@ -76,11 +79,29 @@ class CheckImageLabeld(MapTransform):
         return d
 
 
+def check_hounsfield(values, name: str, max_minimum: float = HU_MAX_MINIMUM) -> None:
+    """Refuses, naming ``name``, intensities that are not Hounsfield units: no voxel below
+    ``max_minimum`` (air, about -1000 HU, is in every abdominal CT). The one check used by
+    ``CheckHounsfieldd`` and by ``scripts.ct_pair.read_image``.
+
+    Args:
+        values: the image, any shape, in HU: a numpy array, an ITK array view or a torch tensor.
+        name: the file, for the message.
+        max_minimum: HU; an image whose minimum is above it is refused.
+    """
+    low, high = float(values.min()), float(values.max())
+    if low > max_minimum:
+        raise DatasetError(
+            f"{name}: values {low:g}..{high:g} do not look like Hounsfield units (no voxel below {max_minimum:g}; "
+            "air is about -1000 HU): apply the rescale slope/intercept first"
+        )
+
+
 class CheckHounsfieldd(MapTransform):
     """Refuses a CT image whose values are not Hounsfield units, naming the file: no voxel below
     ``max_minimum`` (default -500; air is about -1000 HU and every abdominal CT holds some), so it
     has not been rescaled (DICOM RescaleSlope / RescaleIntercept, NIfTI scl_slope / scl_inter) and its
-    CT windows would be meaningless. The check of ``scripts.ct_pair.check_hounsfield``, which
+    CT windows would be meaningless. The check of ``check_hounsfield``, which
     ``ct_pair`` also applies when it reads a scan. Runs after ``LoadImaged`` + ``EnsureChannelFirstd``.
     """
 
@@ -113,7 +134,6 @@ class CheckDivisibled(MapTransform):
                     f"(python -m scripts.ct_pair prepare writes grids that are)"
                 )
         return d
-
 
 
 _PADS = ("SpatialPad", "DivisiblePad", "BorderPad")

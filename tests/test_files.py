@@ -78,8 +78,10 @@ def test_staged_dir_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old").write_text("old")
-    with pytest.raises(FileExistsError, match=f"{out}.*not empty.*--overwrite True"):
+    with pytest.raises(FileExistsError, match=f"{out} already exists and is not empty: choose another folder$"):
         staged_dir(str(out))
+    with pytest.raises(FileExistsError, match="or pass --overwrite True to replace"):
+        check_output_dir(str(out), overwrite=False)
     # a failed overwrite keeps the old results whole
     with pytest.raises(RuntimeError):
         with staged_dir(str(out), overwrite=True) as tmp:
@@ -97,7 +99,7 @@ def test_publish_refuses_a_folder_filled_during_the_run(tmp_path):
     staging.mkdir()
     out.mkdir()
     (out / "other_run").write_text("x")
-    with pytest.raises(FileExistsError, match="filled by something else"):
+    with pytest.raises(FileExistsError, match="filled by something else during this run; this run's results were discarded"):
         publish_dir(str(staging), str(out))
     assert staging.exists() and os.listdir(out) == ["other_run"]
 
