@@ -29,7 +29,6 @@ __all__ = [
     "check_output_names",
     "disp_name",
     "nifti_header",
-    "output_names",
     "pairs",
     "read_index",
     "read_index_file",
@@ -87,36 +86,32 @@ class OutputName:
         return {"subject": self.name(metadict["key"], str(metadict["fixed_id"]), str(metadict["moving_id"])), "idx": None}
 
 
-def output_names(pair: dict, style: str = "long", fixed_to_moving: bool = False, figures: bool = True) -> list[str]:
-    """Every file name inference writes for ``pair`` (see configs/inference.json)."""
-    f, m, out = pair["fixed_id"], pair["moving_id"], OutputName(style)
-    keys = ["ddf", "warped_image", "warped_label"] + (["ddf_fixed_to_moving"] if fixed_to_moving else [])
-    names = [out.name(k, f, m) + ".nii.gz" for k in keys]
-    if figures:
-        names.append(f"figure_{f}_{m}.png")
-    return names
-
-
 def check_output_names(pairs: list[dict], style: str = "long", fixed_to_moving: bool = False) -> list[dict]:
     """Refuses, before any work, a pair list in which two pairs would write a file of the same name.
 
     Output names are made from the 4-digit case ids only (the Learn2Reg convention), so two
     different images with one case number (``a/X_0367_0000.nii.gz`` and ``b/X_0367_0000.nii.gz``),
-    or a pair listed twice, would overwrite each other's results. The message names both pairs and
-    their source paths. Returns ``pairs``."""
-    seen: dict[str, int] = {}
+    a pair listed twice, or (with ``fixed_to_moving``) a pair and its reverse would overwrite each
+    other's results. The message names both pairs and their source paths. Returns ``pairs``."""
+    out = OutputName(style)
+    keys = ["ddf", "warped_image", "warped_label"] + (["ddf_fixed_to_moving"] if fixed_to_moving else [])
+    seen: dict[str, tuple[int, str]] = {}
     for i, pair in enumerate(pairs):
-        for name in output_names(pair, style, fixed_to_moving, figures=False):
-            j = seen.setdefault(name, i)
+        for key in keys:
+            name = out.name(key, pair["fixed_id"], pair["moving_id"]) + ".nii.gz"
+            j, other_key = seen.setdefault(name, (i, key))
             if j == i:
                 continue
             a, b = pairs[j], pair
             same = a["fixed_image"] == b["fixed_image"] and a["moving_image"] == b["moving_image"]
             what = "is listed twice" if same else "and another pair would write the same file"
+            if "ddf_fixed_to_moving" in (key, other_key):
+                why = "with --write_fixed_to_moving True a pair also writes the field of its reverse: list each couple once"
+            else:
+                why = "output names use the 4-digit case ids only: remove the duplicate or give the images distinct case numbers"
             raise DatasetError(
                 f"pair {j + 1} (fixed {a['fixed_image']}, moving {a['moving_image']}) {what}: pair {i + 1} (fixed "
-                f"{b['fixed_image']}, moving {b['moving_image']}) would also write {name}, because output names use "
-                "the 4-digit case ids only; remove the duplicate or give the images distinct case numbers"
+                f"{b['fixed_image']}, moving {b['moving_image']}) would also write {name}; {why}"
             )
     return pairs
 

@@ -37,10 +37,13 @@ import zipfile
 from scripts.files import atomic_path, sha256_of
 from scripts.weights import WeightsError, read_large_files
 
-__all__ = ["DATE_TIME", "INCLUDE", "ReleaseError", "build", "bundle_id", "release_files"]
+__all__ = ["DATE_TIME", "INCLUDE", "REQUIRED", "ReleaseError", "build", "bundle_id", "release_files"]
 
 # Top-level files and folders of the bundle that a release carries (see the module docstring).
-INCLUDE = ("LICENSE", "README.md", "requirements.txt", "apps", "configs", "docs", "models", "sample_data", "scripts")
+INCLUDE = ("LICENSE", "README.md", "requirements.txt", "constraints.txt", "apps", "configs", "docs", "models",
+           "sample_data", "scripts")
+# What the Model Zoo's CI requires (LICENSE, metadata.json) or prefers (the inference config, the weights).
+REQUIRED = ("LICENSE", "configs/metadata.json", "configs/inference.json", "models/model.pt")
 DATE_TIME = (2022, 5, 30, 0, 0, 0)
 METADATA = os.path.join("configs", "metadata.json")
 
@@ -70,16 +73,16 @@ def _git(bundle_root: str, *args: str) -> str:
 
 def release_files(bundle_root: str = ".") -> dict[str, int]:
     """{path: Unix permissions} of the files a release of ``bundle_root`` holds, sorted by path: those
-    git tracks under ``INCLUDE``. Raises ``ReleaseError`` naming the path when one of ``INCLUDE`` has
-    no tracked file, or a tracked file is missing from the working tree or is not a regular file."""
+    git tracks under ``INCLUDE``. Raises ``ReleaseError`` naming the path when one of ``REQUIRED`` is not
+    tracked, or a tracked file is missing from the working tree or is not a regular file."""
     files = {}
     for line in _git(bundle_root, "ls-files", "-s", "-z", "--", *INCLUDE).split("\0"):
         if line:
             info, path = line.split("\t", 1)
             files[path] = 0o755 if info.split()[0] == "100755" else 0o644
-    for top in INCLUDE:
-        if not any(p == top or p.startswith(top + "/") for p in files):
-            raise ReleaseError(f"{top}: git tracks no such file or folder in {os.path.abspath(bundle_root)}")
+    for path in REQUIRED:
+        if path not in files:
+            raise ReleaseError(f"{path}: needed by a bundle, not tracked by git in {os.path.abspath(bundle_root)}")
     for path in files:
         full = os.path.join(bundle_root, path)
         if os.path.islink(full) or not os.path.isfile(full):

@@ -253,7 +253,7 @@ def test_colliding_output_names_are_refused_naming_both_images(tmp_path, ckpt):
     proc = infer(data, out, ckpt, *args)
     assert proc.returncode != 0
     assert f"imagesTr/{FIXED}" in proc.stderr and f"other/imagesTr/{FIXED}" in proc.stderr, proc.stderr[-3000:]
-    assert "disp_0367_0000_0394_0000.nii.gz" in proc.stderr and "4-digit case ids" in proc.stderr
+    assert "disp_0367_0000_0394_0000.nii.gz" in proc.stderr and "4-digit case ids only" in proc.stderr
     args = _one_pair(data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}")] * 2)
     proc = infer(data, out, ckpt, *args)
     assert proc.returncode != 0 and "is listed twice" in proc.stderr, proc.stderr[-3000:]

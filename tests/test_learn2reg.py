@@ -106,3 +106,31 @@ def test_bad_dataset_folders(tmp_path):
     content["registration_val"] = []
     index.write_text(json.dumps(content))
     assert [sorted(c) for c in training_cases(str(data))] == [["id", "image"]] * 2
+
+
+# --------------------------------------------------------------------------- output names
+def test_output_names_follow_the_learn2reg_convention():
+    from scripts.learn2reg import OutputName
+
+    long, short = OutputName("long"), OutputName("short")
+    assert long({"key": "ddf", "fixed_id": "0201", "moving_id": "0260"}) == {"subject": "disp_0201_0000_0260_0000", "idx": None}
+    assert short.name("ddf", "0201", "0260") == "disp_0201_0260"
+    assert long.name("ddf_fixed_to_moving", "0201", "0260") == "disp_0260_0000_0201_0000"  # the reversed pair
+    assert long.name("warped_label", "0201", "0260") == "warped_label_0201_0260"
+    with pytest.raises(ValueError, match="'long' or 'short'"):
+        OutputName("medium")
+
+
+def test_colliding_output_names_name_both_pairs():
+    from scripts.learn2reg import check_output_names
+
+    pair = lambda f, m: {"fixed_id": f[-4:], "moving_id": m[-4:], "fixed_image": f, "moving_image": m}  # noqa: E731
+    ok = [pair("/a/0001", "/a/0002"), pair("/a/0002", "/a/0001")]
+    assert check_output_names(ok) == ok
+    # with the reversed fields written too, the two pairs of one couple collide
+    with pytest.raises(DatasetError, match="pair 2 .* would also write disp_0002_0000_0001_0000.nii.gz; with --write_fixed_to_moving True"):
+        check_output_names(ok, fixed_to_moving=True)
+    with pytest.raises(DatasetError, match=r"pair 1 \(fixed /a/0001, moving /a/0002\) and another pair.*pair 2 \(fixed /b/0001"):
+        check_output_names([pair("/a/0001", "/a/0002"), pair("/b/0001", "/a/0002")])
+    with pytest.raises(DatasetError, match="is listed twice"):
+        check_output_names([pair("/a/0001", "/a/0002")] * 2)
