@@ -21,7 +21,16 @@ from torch import nn
 from scripts.deformation import gradient_to_ddf
 from scripts.networks import SpatialGradientRegNet, logits_to_gradient
 
-__all__ = ["RegistrationInferer", "LowMemoryRegistrationInferer"]
+__all__ = ["RegistrationInferer", "LowMemoryRegistrationInferer", "native_bfloat16"]
+
+
+def native_bfloat16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bfloat16 convolutions natively (CUDA GPUs that support it; CPUs with
+    AVX512-BF16 or AMX, as oneDNN reports), i.e. where bfloat16 inference is faster than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class RegistrationInferer(Inferer):
@@ -29,7 +38,8 @@ class RegistrationInferer(Inferer):
 
     Args:
         dtype: "float32" (default; also ``torch.float32``): the network as it is, no autocast of its
-            own (an enclosing autocast, e.g. an engine's ``amp``, still applies). "bfloat16": the
+            own (an enclosing autocast, e.g. an engine's ``amp``, still applies). "auto": bfloat16
+            where the device computes it natively (``native_bfloat16``), else float32. "bfloat16": the
             forward pass runs under ``torch.autocast(dtype=torch.bfloat16)``; the network computes g
             from the heads' logits in float32 (``scripts.networks.logits_to_gradient``) and
             integrates it in float32, so the DDF is float32 either way.
@@ -44,17 +54,18 @@ class RegistrationInferer(Inferer):
 
     def __init__(self, dtype: str | torch.dtype = "float32") -> None:
         super().__init__()
-        self.dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        self.auto = dtype == "auto"
+        self.dtype = torch.float32 if self.auto else getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
         if self.dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+            raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'auto', got {dtype!r}")
 
-    def _autocast(self, device: torch.device):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.dtype)
+    def dtype_for(self, device: torch.device) -> torch.dtype:
+        """The precision used on ``device``."""
+        return torch.bfloat16 if self.auto and native_bfloat16(device) else self.dtype
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
-        with self._autocast(inputs.device):
+        dtype = self.dtype_for(inputs.device)
+        with contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(inputs.device.type, dtype=dtype):
             return network(inputs)
 
 
@@ -106,7 +117,7 @@ class LowMemoryRegistrationInferer(RegistrationInferer):
         # A plain tensor: MONAI's MetaTensor (what evaluators pass) would track metadata through every slab
         # operation. float32 leaves the dtype as it is (float64 in the tests), as the plain forward pass does.
         x = inputs.as_subclass(torch.Tensor)
-        x = x.to(torch.bfloat16) if self.dtype == torch.bfloat16 else x
+        x = x.to(torch.bfloat16) if self.dtype_for(x.device) == torch.bfloat16 else x
         c, v = net.in_channels, self.slab_voxels
         diffs = _encode(net, x[:, :c], v)
         for d, f in zip(diffs, _encode(net, x[:, c:], v)):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -14,10 +15,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data" / "HippocampusMR"
 HIPPO = ROOT.parent / "shared" / "data" / "hippocampus_msd"
+# The Model Zoo's metadata schema, the version configs/metadata.json names, stored so that it is checked
+# offline (source: see docs/release.md), and the sha256 of that copy.
+SCHEMA = ROOT / "tests" / "data" / "meta_schema_20240725.json"
+SCHEMA_SHA256 = "cd64aa8a5904426f6fc6855dabe46af8c742d5bad644b4e9cfb78ebad09ad678"
 TINY = ["--channels", "[4, 8, 16, 32, 64]"]  # a tiny width keeps training runs to seconds
 
 
@@ -45,7 +53,7 @@ def test_train_and_inference_configs_share_network_and_preprocessing():
         assert train[key] == infer[key], f"configs/train.json and configs/inference.json disagree on {key}"
 
 
-def test_metadata_matches_configs_and_requirements():
+def test_metadata_matches_configs():
     meta, infer = load("metadata"), load("inference")
     for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version",
                 "required_packages_version", "task", "description", "authors", "copyright", "name",
@@ -61,20 +69,107 @@ def test_metadata_matches_configs_and_requirements():
     sample_labels = json.loads((SAMPLE / "HippocampusMR_dataset.json").read_text())["labels"]
     sample_labels = sample_labels.get("0", sample_labels)  # Learn2Reg nests the names per modality
     assert {k: v.lower() for k, v in sample_labels.items()} == {k: v.lower() for k, v in label_def.items()}
-    pins = dict(
-        line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
-        if "==" in line and not line.startswith("#")
+
+
+def _requirements(name: str) -> dict[str, Requirement]:
+    """The requirements listed in ``name`` (a pip requirements file of the bundle root) by package name."""
+    lines = [line.split("#")[0].strip() for line in (ROOT / name).read_text().splitlines()]
+    reqs = [Requirement(line) for line in lines if line and not line.startswith("-")]
+    return {canonicalize_name(r.name): r for r in reqs}
+
+
+def test_requirements_metadata_and_tested_versions_agree():
+    """requirements.txt (ranges) and metadata.json's required_packages_version list the same packages and
+    ranges; the versions CI tests (constraints.txt) lie in those ranges, and metadata.json's monai, torch
+    and numpy versions (which the Model Zoo installs exactly) are the tested ones."""
+    meta = load("metadata")
+    reqs = _requirements("requirements.txt")
+    tested = {name: next(iter(r.specifier)).version for name, r in _requirements("constraints.txt").items()}
+    assert all(len(r.specifier) == 1 and next(iter(r.specifier)).operator == "=="
+               for r in _requirements("constraints.txt").values()), "constraints.txt: exact versions (==) only"
+    for key, package in (("monai_version", "monai"), ("pytorch_version", "torch"), ("numpy_version", "numpy")):
+        assert tested[package] == meta[key], f"metadata.json {key} {meta[key]} != constraints.txt {tested[package]}"
+    for name, req in reqs.items():
+        assert name in tested, f"constraints.txt: no tested version of {name}"
+        assert req.specifier.contains(tested[name], prereleases=True), (
+            f"constraints.txt: {name}=={tested[name]} is outside requirements.txt {name}{req.specifier}"
+        )
+    listed = meta["required_packages_version"]
+    for name, spec in listed.items():  # the Model Zoo's CI reads a bare version as ==, an operator as a range
+        assert spec.strip()[:1] in tuple("<>=!~"), f"metadata.json required_packages_version {name}: {spec!r}"
+    assert {canonicalize_name(n): SpecifierSet(v) for n, v in listed.items()} == {
+        n: r.specifier for n, r in reqs.items() if n not in ("monai", "torch", "numpy")
+    }, "metadata.json required_packages_version and requirements.txt disagree"
+    # MONAI 1.6 reads optional_packages_version as a deprecated name and puts it IN PLACE OF
+    # required_packages_version (ConfigParser.read_meta): both together lose the required list.
+    assert "optional_packages_version" not in meta
+    assert "jsonschema" in _requirements("requirements-dev.txt"), "the metadata schema test needs jsonschema"
+
+
+def test_metadata_validates_offline_against_the_model_zoo_schema(tmp_path):
+    """MONAI's ``verify_metadata``, the Model Zoo's schema check, on the stored copy of the schema."""
+    from monai.bundle import verify_metadata
+
+    meta = load("metadata")
+    assert meta["schema"].rsplit("/", 1)[-1] == SCHEMA.name, f"metadata.json names {meta['schema']}: store a copy"
+    # present with this hash, verify_metadata reads it; with another, it stops (it never downloads over it)
+    assert SCHEMA.is_file()
+    stored = {"filepath": str(SCHEMA), "hash_val": SCHEMA_SHA256, "hash_type": "sha256"}
+    verify_metadata(meta_file=str(ROOT / "configs" / "metadata.json"), **stored)
+    # the check is real: a metadata file the schema does not allow is refused
+    no_authors = {k: v for k, v in meta.items() if k != "authors"}
+    text_range = json.loads(json.dumps(meta))
+    text_range["network_data_format"]["outputs"]["pred"]["value_range"] = ["unbounded"]
+    for broken in (no_authors, text_range):
+        path = tmp_path / "metadata.json"
+        path.write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match="Failed validating"):
+            verify_metadata(meta_file=str(path), **stored)
+
+
+def test_metadata_eval_metrics_are_the_documented_results_of_the_shipped_weights():
+    """metadata.json's eval_metrics are the shipped weights' row of the Results table of docs/README.md."""
+    lines = (ROOT / "docs" / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| 40 validation pairs |"))  # Results table
+    header, table = lines[start], list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
+    row = next(line for line in table if "shipped `models/model.pt`" in line)
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    cells = dict(zip(columns, (c.strip(" *") for c in row.strip("|").split("|"))))
+    documented = {"val_mean_dice": "Dice", "val_dice30": "Dice30", "val_hd95_voxels": "HD95 (voxels)",
+                  "val_sdlogj": "SDlogJ (official)"}
+    assert load("metadata")["eval_metrics"] == {key: float(cells[column]) for key, column in documented.items()}, (
+        "configs/metadata.json eval_metrics differ from the shipped weights' row of docs/README.md Results"
     )
-    assert pins["monai"] == meta["monai_version"]
-    for name, version in meta["required_packages_version"].items():
-        assert pins.get(name) == version, f"{name}: requirements.txt {pins.get(name)} != metadata {version}"
+
+
+@pytest.mark.parametrize(
+    "config, workflow_type, outputs",
+    [
+        ("train", "train", ("ckpt_dir", "log_dir")),
+        ("inference", "infer", ("output_dir",)),
+    ],
+)
+def test_monai_workflow_properties_are_complete(tmp_path, config, workflow_type, outputs):
+    """MONAI's own check of the keys other applications use (``check_properties``): none missing or wrong.
+    (``create_workflow`` runs the config's ``initialize``: its output folders go to ``tmp_path``.)"""
+    from monai.bundle import create_workflow
+
+    workflow = create_workflow(
+        config_file=str(ROOT / "configs" / f"{config}.json"), meta_file=str(ROOT / "configs" / "metadata.json"),
+        logging_file=False, workflow_type=workflow_type, bundle_root=str(ROOT),
+        **{key: str(tmp_path / key) for key in outputs},
+    )
+    assert not workflow.check_properties()
 
 
 @pytest.mark.skipif(not HIPPO.is_dir(), reason="needs ../shared/data/hippocampus_msd")
 def test_train_one_epoch_then_resume(tmp_path):
-    """One real epoch on real MSD cases, then a resumed second epoch from the saved checkpoint."""
+    """One real epoch on real MSD cases, then a resumed second epoch from the saved checkpoint. With the
+    default ckpt_dir the run writes to <bundle_root>/runs/train, never over the shipped models/model.pt."""
+    shipped = (ROOT / "models" / "model.pt").read_bytes()
+    run = tmp_path / "runs" / "train"
     args = [
-        "--dataset_dir", str(HIPPO), "--ckpt_dir", str(tmp_path / "ckpt"), "--log_dir", str(tmp_path / "logs"),
+        "--dataset_dir", str(HIPPO), "--bundle_root", str(tmp_path),
         "--num_workers", "0", "--batch_size", "2", "--val_interval", "1", *TINY,
         "--train#cases", "$scripts.learn2reg.training_cases(@dataset_dir, @num_val)[:4]",
         "--validate#pairs", "$scripts.learn2reg.pairs(@dataset_dir, 'registration_val', @num_val)[:2]",
@@ -83,16 +178,18 @@ def test_train_one_epoch_then_resume(tmp_path):
     log = proc.stdout + proc.stderr
     for term in ("loss", "sim", "smooth", "dice", "val_mean_dice", "val_hd95"):
         assert term in log, term
-    saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    saved = sorted(p.name for p in run.iterdir())
     assert "model.pt" in saved and "checkpoint_epoch=1.pt" in saved, saved
-    state = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=True)
+    state = torch.load(run / "model.pt", weights_only=True)
     assert any(k.startswith("encoder.") for k in state), "model.pt must be a plain state dict"
-    assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+    assert list((run / "logs").glob("events.out.tfevents.*"))
 
-    resumed = ok(bundle(*args, "--max_epochs", "2", "--resume_ckpt", str(tmp_path / "ckpt" / "checkpoint_epoch=1.pt")))
+    resumed = ok(bundle(*args, "--max_epochs", "2", "--resume_ckpt", str(run / "checkpoint_epoch=1.pt")))
     text = resumed.stdout + resumed.stderr
     assert "Epoch: 2/2" in text and "Epoch: 1/2" not in text, "resume must continue at epoch 2"
-    assert (tmp_path / "ckpt" / "checkpoint_epoch=2.pt").exists()
+    assert (run / "checkpoint_epoch=2.pt").exists()
+    assert (ROOT / "models" / "model.pt").read_bytes() == shipped
+    assert not (tmp_path / "models").exists()
 
 
 @pytest.mark.skipif(not HIPPO.is_dir(), reason="needs ../shared/data/hippocampus_msd")

@@ -221,3 +221,22 @@ def test_ct_overlay_selects_the_low_memory_inferer():
     inferer = parser.get_parsed_content("inferer")
     assert type(inferer) is LowMemoryRegistrationInferer
     assert inferer.dtype == torch.float32 and inferer.slab_voxels == 2**21
+
+
+def test_auto_precision_is_bfloat16_only_where_the_device_computes_it_natively():
+    from scripts.inferers import RegistrationInferer, native_bfloat16
+
+    auto = RegistrationInferer("auto")
+    cpu = torch.device("cpu")
+    assert auto.dtype_for(cpu) == (torch.bfloat16 if native_bfloat16(cpu) else torch.float32)
+    assert RegistrationInferer("float32").dtype_for(cpu) == torch.float32
+    assert RegistrationInferer("bfloat16").dtype_for(cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="'float32', 'bfloat16' or 'auto'"):
+        RegistrationInferer("float16")
+    if not native_bfloat16(cpu):  # this machine: "auto" must give exactly the float32 field
+        net = SpatialGradientRegNet(channels=(4, 8, 16, 32, 64)).eval()
+        with torch.no_grad():
+            net.head.bias.fill_(0.3)
+        image = torch.rand(1, 2, 16, 16, 32)
+        with torch.no_grad():
+            assert torch.equal(auto(image, net), RegistrationInferer("float32")(image, net))

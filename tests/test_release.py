@@ -29,7 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 META = json.loads((ROOT / "configs" / "metadata.json").read_text())
 BUNDLE_ID = release.bundle_id(META["name"])
 ZIP_NAME = f"{BUNDLE_ID}_v{META['version']}.zip"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+# No PYTHONPATH: a command run in the downloaded bundle must import that bundle's own scripts.
+ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1", "NO_PROXY": "127.0.0.1",
+       "no_proxy": "127.0.0.1"}
 
 
 def run(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -171,6 +173,7 @@ def test_downloaded_release_registers_exactly_like_the_repository(tmp_path):
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason="large_files.yml still names v0.1.0 in its URLs and models/model.ts (not shipped) has no hash: "
     "updated by the maintainer once the final weights are hosted (issue 14)",
 )
