@@ -1,5 +1,5 @@
 """Unsupervised pretraining then fine-tuning versus training from scratch, same fine-tuning budget
-(issue 5, method.md section 5), on the hippocampus data.
+(docs/ct.md), on the hippocampus data.
 
 Three runs of the bundle's own configs, one after the other:
 

@@ -1,4 +1,4 @@
-"""Partially-labelled cohorts (method.md section 5): which organs each collection of scans
+"""Partially-labelled cohorts (docs/ct.md, "Pretraining and noisy labels"): which organs each collection of scans
 annotates, and how its label ids map onto the 11 organs of the segmentation network.
 
 A cohort is a dict (in a config, or a JSON file holding a list of them)::
@@ -409,7 +409,7 @@ class MapCohortLabelsd(MapTransform):
 
 
 class KeepGroundTruthd(MapTransform):
-    """Pseudo-labels that keep the ground truth (method.md section 5): in ``keys`` (a predicted
+    """Pseudo-labels that keep the ground truth (docs/ct.md, "Pretraining and noisy labels"): in ``keys`` (a predicted
     organ-id map, (1, H, W, D)), the organs the case's cohort annotates (``mask_key``) are taken
     from ``label_key`` (the case's label map, already mapped to organ ids, same grid) and nowhere
     else; every ground-truth organ voxel keeps its ground-truth id. Cases without a label map are

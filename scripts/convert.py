@@ -17,7 +17,7 @@ everything succeeded (a failure never leaves a half-written ``out_dir``):
   ``monai.transforms.ResizeWithPadOrCrop``; the affine is updated for the padding (the voxel grid
   stays physically consistent). No reorientation, no resampling: the array axes stay the raw NIfTI
   axes, and the voxel values are unchanged (no intensity normalisation).
-- ``<task>_dataset.json`` (conventions.md): ``name``, ``tensorImageShape``, ``labels``,
+- ``<task>_dataset.json`` (docs/method.md): ``name``, ``tensorImageShape``, ``labels``,
   ``modality``, ``training``, ``test`` ([]), ``training_paired_images`` ([]),
   ``registration_val`` (the last ``num_val`` cases by id, each fixed id paired with the reversed
   list, as Learn2Reg HippocampusMR), ``registration_test`` ([]), ``numRegistration_val``, plus

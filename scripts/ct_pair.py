@@ -73,10 +73,11 @@ PREALIGN_KINDS = ("none", "center", "translation", "affine")
 # no voxel below this has not been rescaled (DICOM RescaleSlope/Intercept, NIfTI scl_slope/scl_inter).
 # The network halves the grid 4 times; at 10 mm a 40 cm abdomen is 40 voxels, 2.5 at the coarsest level.
 MAX_SPACING_MM = 10.0
-# The CT overlay's max_voxels (configs/abdomen_ct.json): 2.1 times the AbdomenCTCT grid (192 x 160 x
-# 256 = 7.9 M voxels), e.g. 256^3 voxels: full-volume CPU inference took 5.3 GB on the AbdomenCTCT grid
-# (docs/README.md), and its memory grows with the voxels. A prepared grid inference would refuse is refused here.
-MAX_GRID_VOXELS = 2**24
+# 8.5 times the AbdomenCTCT grid (192 x 160 x 256 = 7.9 M voxels), e.g. 406^3 voxels: full-volume CPU
+# inference took 5.3 GB on the AbdomenCTCT grid, and its memory grows with the voxels. The CT overlay's
+# inference refuses more than its max_voxels (2^24 by default: 24 GB machines), which a user with more
+# memory raises with --max_voxels.
+MAX_GRID_VOXELS = 2**26
 # The pair as the CT overlay's network reads it: 2 images x 3 CT windows x float32. More than
 # prepare itself holds per voxel (two float32 images, two int16 label maps).
 PAIR_BYTES_PER_VOXEL = 2 * 3 * 4

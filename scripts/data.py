@@ -1,5 +1,5 @@
 """Training pairs drawn on the fly: every case is the moving image once per epoch, with a random
-fixed image (method.md section 4)."""
+fixed image (docs/method.md, "Data and preprocessing")."""
 
 from __future__ import annotations
 

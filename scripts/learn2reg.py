@@ -1,6 +1,6 @@
 """Reading Learn2Reg and Medical Segmentation Decathlon (MSD) dataset folders into cases and pairs.
 
-Two layouts are understood (conventions.md):
+Two layouts are understood (docs/method.md, "Learn2Reg folders"):
 - Learn2Reg: ``<Task>_dataset.json`` with ``training`` and ``registration_val`` / ``registration_test``
   pair lists; paths relative to the folder.
 - MSD: ``dataset.json`` with a ``training`` list of image/label dicts and no pair list. The last

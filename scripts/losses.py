@@ -1,4 +1,4 @@
-"""The symmetric registration loss of Estienne et al. (2020), method.md section 3."""
+"""The symmetric registration loss of Estienne et al. (2020), docs/method.md, "Loss"."""
 
 from __future__ import annotations
 
@@ -144,8 +144,7 @@ class SymmetricRegistrationLoss(nn.Module):
 
 
 class PartialLabelDiceLoss(nn.Module):
-    """Soft Dice loss of a segmentation network trained on partially-labelled cohorts (method.md
-    section 5): each sample's Dice counts only the organs its cohort annotates.
+    """Soft Dice loss of a segmentation network trained on partially-labelled cohorts (docs/ct.md): each sample's Dice counts only the organs its cohort annotates.
 
     Per sample and organ, MONAI's ``DiceLoss`` (softmax over the classes, one-hot target); the loss
     is the mean over the (sample, organ) pairs whose ``mask`` is 1. Background is never counted

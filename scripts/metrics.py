@@ -4,7 +4,7 @@ Reference: github.com/MDL-UzL/L2R, ``evaluation/evaluation.py`` and ``evaluation
 (``jacobian_determinant``, ``compute_dice``, ``compute_hd95``, the warp by ``map_coordinates``
 and the aggregation by mean / std / ``np.quantile(x, .3)``).
 
-Conventions (see docs/conventions.md): label maps are (H, W, D) arrays on the fixed grid; a
+Conventions (docs/method.md): label maps are (H, W, D) arrays on the fixed grid; a
 displacement field ``disp`` is (H, W, D, 3) in VOXELS, channel c = displacement along array axis c,
 pull convention ``warped(x) = moving(x + disp(x))``.
 

@@ -1,4 +1,4 @@
-"""Extra public CT cohorts on one common grid (method.md section 5): every scan is resampled to 2 mm
+"""Extra public CT cohorts on one common grid (docs/ct.md, "Pretraining and noisy labels"): every scan is resampled to 2 mm
 isotropic and aligned to ONE reference scan (translation or affine registration, or the image
 centres), so that scans of all cohorts can be paired and batched.
 
@@ -260,7 +260,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", required=True, help="the reference scan: NIfTI file or DICOM series folder")
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--align", default="translation", choices=ALIGN_KINDS,
-                        help="transform of each scan onto the reference (default translation, as method.md)")  # fmt: skip
+                        help="transform of each scan onto the reference (default translation, as the authors' code)")  # fmt: skip
     parser.add_argument("--spacing", type=float, default=2.0, help="mm, isotropic (default 2)")
     parser.add_argument("--size", type=int, nargs=3, help="grid size in voxels, multiples of 16 (default: the reference's extent)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out_dir once the new one is complete")

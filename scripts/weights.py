@@ -140,7 +140,13 @@ class CheckpointLoader(_MonaiCheckpointLoader):
     errors are one ``CheckpointError`` line naming the checkpoint file and the problem: not found, not
     a PyTorch checkpoint at all, pickled Python objects refused, or the loading error (e.g. the
     ``size mismatch`` lines of a checkpoint of another architecture). The original error is the cause.
+    An empty ``load_path`` loads nothing (a network that comes with its weights, e.g. a TorchScript
+    export given as ``--network_def``, runs with ``--ckpt_path ""``).
     """
+
+    def attach(self, engine) -> None:
+        if self.load_path:
+            super().attach(engine)
 
     def __call__(self, engine) -> None:
         try:

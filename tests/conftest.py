@@ -1,11 +1,22 @@
 """Shared test settings and helpers: one CPU thread (a training job may share the machine), tiny tensors."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.ndimage
 import torch
 
 torch.set_num_threads(1)
+
+# Real data for the tests that need it: hippocampus_msd/ (MSD Task04 cases: imagesTr/, labelsTr/,
+# dataset.json) and abdomen_ct_samples/ (two abdominal CTs with organ labels, NIfTI and DICOM).
+# BUNDLE_TEST_DATA names the folder holding them (default: ../shared/data next to the bundle, where
+# the project's CI has them); the tests that need them are skipped where they are missing.
+DATA = Path(os.environ.get("BUNDLE_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+HIPPO = DATA / "hippocampus_msd"
+CT = DATA / "abdomen_ct_samples"
 
 
 def smooth_volume(shape, sigma=2.0, seed=0):

@@ -20,10 +20,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import HIPPO
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data" / "HippocampusMR"
-HIPPO = ROOT.parent / "shared" / "data" / "hippocampus_msd"
 FIXED = "HippocampusMR_0367_0000.nii.gz"  # the fixed image of the first registration_val pair
 MOVING = "HippocampusMR_0394_0000.nii.gz"  # ... and its moving image
 
@@ -193,7 +193,7 @@ def test_usable_odd_input_works(tmp_path, ckpt, case):
     assert digest(data) == before, "inputs modified"
 
 
-@pytest.mark.skipif(not HIPPO.is_dir(), reason="needs ../shared/data/hippocampus_msd")
+@pytest.mark.skipif(not HIPPO.is_dir(), reason=f"needs {HIPPO} (BUNDLE_TEST_DATA)")
 def test_msd_cases_of_different_shapes_still_work(tmp_path, ckpt):
     """The same-grid check is for Learn2Reg folders only: MSD cases differ in size and are padded to one
     grid for the network; every output comes back on its fixed image's own grid, and the field indexes

@@ -18,10 +18,10 @@ import torch
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
+from conftest import HIPPO
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data" / "HippocampusMR"
-HIPPO = ROOT.parent / "shared" / "data" / "hippocampus_msd"
 # The Model Zoo's metadata schema, the version configs/metadata.json names, stored so that it is checked
 # offline (source: see docs/release.md), and the sha256 of that copy.
 SCHEMA = ROOT / "tests" / "data" / "meta_schema_20240725.json"
@@ -162,7 +162,7 @@ def test_monai_workflow_properties_are_complete(tmp_path, config, workflow_type,
     assert not workflow.check_properties()
 
 
-@pytest.mark.skipif(not HIPPO.is_dir(), reason="needs ../shared/data/hippocampus_msd")
+@pytest.mark.skipif(not HIPPO.is_dir(), reason=f"needs {HIPPO} (BUNDLE_TEST_DATA)")
 def test_train_one_epoch_then_resume(tmp_path):
     """One real epoch on real MSD cases, then a resumed second epoch from the saved checkpoint. With the
     default ckpt_dir the run writes to <bundle_root>/runs/train, never over the shipped models/model.pt."""
@@ -192,7 +192,7 @@ def test_train_one_epoch_then_resume(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
-@pytest.mark.skipif(not HIPPO.is_dir(), reason="needs ../shared/data/hippocampus_msd")
+@pytest.mark.skipif(not HIPPO.is_dir(), reason=f"needs {HIPPO} (BUNDLE_TEST_DATA)")
 def test_ddp_two_processes_one_epoch(tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",

@@ -15,13 +15,13 @@ from monai.transforms import EnsureChannelFirstd, LoadImaged
 from scripts import cohorts as C
 from scripts.data import RandomPairDataset
 from scripts.losses import PartialLabelDiceLoss
-from tests.test_bundle import ROOT, SAMPLE
+from tests.test_bundle import SAMPLE
+from conftest import CT
 
-CT = ROOT.parent / "shared" / "data" / "abdomen_ct_samples"
 A_CT, A_LAB = CT / "subject_a" / "ct.nii.gz", CT / "subject_a" / "labels_l2r.nii.gz"
 A_IDS = {"1": "spleen", "2": "right_kidney", "3": "left_kidney", "4": "gallbladder", "6": "liver", "7": "stomach",
          "8": "aorta", "9": "ivc", "10": "portal_vein", "11": "pancreas", "12": None, "13": None}  # fmt: skip
-needs_ct = pytest.mark.skipif(not CT.is_dir(), reason="needs ../shared/data/abdomen_ct_samples")
+needs_ct = pytest.mark.skipif(not CT.is_dir(), reason=f"needs {CT} (BUNDLE_TEST_DATA)")
 ORGAN = {o: i + 1 for i, o in enumerate(C.ORGANS)}
 
 

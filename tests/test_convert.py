@@ -16,9 +16,10 @@ import pytest
 
 from scripts.convert import ConversionError, msd_to_learn2reg
 from scripts.learn2reg import pairs, training_cases
+from conftest import HIPPO
 
 REPO = Path(__file__).resolve().parents[1]
-MSD = REPO.parent / "shared" / "data" / "hippocampus_msd"
+MSD = HIPPO
 SAMPLE = REPO / "sample_data" / "HippocampusMR"
 SAMPLE_IDS = [331, 338, 351, 356, 367, 375, 385, 394]
 # 3 and 243: float32 label files; 331: origin 0 instead of 1; 351: uint8 image; odd and even sizes.

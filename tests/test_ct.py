@@ -1,4 +1,4 @@
-"""Abdominal CT task on the two real CTs of ../shared/data/abdomen_ct_samples (subject A: NIfTI,
+"""Abdominal CT task on the two real CTs of the abdomen_ct_samples test data (conftest.CT) (subject A: NIfTI,
 3 mm; subject B: a DICOM series whose label file is stored in another orientation): reading,
 labels on the right anatomy, the CT overlay for train / inference / evaluate, the prepare ->
 register -> restore path back to the fixed scan's own grid, and bad input refused through the
@@ -22,15 +22,15 @@ from scripts import ct_pair
 from scripts.learn2reg import DatasetError
 from scripts.networks import SpatialGradientRegNet
 from tests.test_bundle import ROOT, TINY, bundle, ok
+from conftest import CT
 
-CT = ROOT.parent / "shared" / "data" / "abdomen_ct_samples"
 A_CT, A_LAB = CT / "subject_a" / "ct.nii.gz", CT / "subject_a" / "labels_l2r.nii.gz"
 B_DICOM, B_LAB = CT / "subject_b" / "dicom", CT / "subject_b" / "labels_l2r.nii.gz"
 OVERLAY = ("inference", "abdomen_ct")
 DISP = "disp_0001_0000_0002_0000.nii.gz"  # the bundle's name for the prepared pair's field
 LIVER, AORTA = 6, 8
 
-pytestmark = pytest.mark.skipif(not CT.is_dir(), reason="needs ../shared/data/abdomen_ct_samples")
+pytestmark = pytest.mark.skipif(not CT.is_dir(), reason=f"needs {CT} (BUNDLE_TEST_DATA)")
 
 
 UMASK = 0o022  # outputs must get 0o755 folders / 0o644 files under it, not mkdtemp's private 0o700

@@ -60,7 +60,7 @@ def test_evaluate_folder_end_to_end(dataset):
     with open(out / "metrics_per_pair.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["fixed_id", "moving_id", "dice", "hd95", "hd95_mm", "sdlogj", "sdlogj_plain",
-                             "folding_percent", "dice_1", "dice_2"]
+                             "folding_percent", "dice_1", "dice_2", "valid"]
     assert [(r["fixed_id"], r["moving_id"]) for r in rows] == [("0201", "0202"), ("0201", "0203"), ("0202", "0203")]
     np.testing.assert_allclose([float(r["dice"]) for r in rows], expected_dice)
     assert float(rows[0]["hd95"]) == 0.0 and float(rows[2]["sdlogj"]) == 0.0  # constant field: J = 1

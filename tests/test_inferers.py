@@ -200,7 +200,7 @@ def test_bfloat16_ddf_close_to_float32(name):
 def test_clear_errors():
     net = SpatialGradientRegNet(**SMALL).eval()
     image = pair(batch=1)
-    with pytest.raises(ValueError, match="'float32' or 'bfloat16', got 'float16'"):
+    with pytest.raises(ValueError, match="'float32', 'bfloat16' or 'auto', got 'float16'"):
         RegistrationInferer(dtype="float16")
     with pytest.raises(ValueError, match="slab_voxels must be a positive"):
         LowMemoryRegistrationInferer(slab_voxels=0)

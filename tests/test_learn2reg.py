@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from scripts.learn2reg import DatasetError, case_id, disp_name, pairs, training_cases
+from conftest import HIPPO
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data" / "HippocampusMR"
-HIPPO = ROOT.parent / "shared" / "data" / "hippocampus_msd"
 
 
 def test_case_ids_and_disp_names():
@@ -38,7 +38,7 @@ def test_learn2reg_folder_pairs_and_training_cases():
     assert len(training_cases(str(SAMPLE), exclude_val=False)) == 8
 
 
-@pytest.mark.skipif(not HIPPO.is_dir(), reason="needs ../shared/data/hippocampus_msd")
+@pytest.mark.skipif(not HIPPO.is_dir(), reason=f"needs {HIPPO} (BUNDLE_TEST_DATA)")
 def test_msd_folder_holds_out_the_last_cases_as_reversed_pairs():
     val = pairs(str(HIPPO), "registration_val", num_val=40)
     ids = sorted({p["fixed_id"] for p in val})

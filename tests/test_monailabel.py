@@ -24,13 +24,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import CT, HIPPO
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "monailabel"
 VENV = Path(os.environ.get("MONAILABEL_VENV", ROOT / ".venv-monailabel"))
 MONAILABEL = VENV / "bin" / "monailabel"
-HIPPO = ROOT.parent / "shared" / "data" / "hippocampus_msd"
-CT = ROOT.parent / "shared" / "data" / "abdomen_ct_samples" / "subject_a" / "ct.nii.gz"
+CT_IMAGE = CT / "subject_a" / "ct.nii.gz"
 ATLASES = ROOT / "sample_data" / "HippocampusMR"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -85,9 +85,9 @@ def _write_studies(studies: Path) -> None:
     nib.save(nib.Nifti1Image(np.stack([vol, vol], -1), ref.affine), studies / "two_channels_4d.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros_like(vol), ref.affine), studies / "constant.nii.gz")
     (studies / "not_nifti.nii.gz").write_bytes(b"this is not a NIfTI file")
-    if CT.is_file():
-        ct = nib.load(CT)
-        shutil.copy(CT, studies / "abdomen_ct.nii.gz")  # 122x101x112: larger than the field of view
+    if CT_IMAGE.is_file():
+        ct = nib.load(CT_IMAGE)
+        shutil.copy(CT_IMAGE, studies / "abdomen_ct.nii.gz")  # 122x101x112: larger than the field of view
         x, y, z = (s // 2 for s in ct.shape)
         crop = np.asarray(ct.dataobj)[x - 20 : x + 20, y - 20 : y + 20, z - 20 : z + 20]
         nib.save(nib.Nifti1Image(crop, ct.affine), studies / "abdomen_ct_crop.nii.gz")  # CT, hippocampus-sized
@@ -215,7 +215,7 @@ def test_bad_requests_get_a_clear_error_and_the_server_keeps_serving(server):
         (IMAGES[0], {"num_atlases": 99}, 400, "num_atlases must be between 1 and 8"),
         (IMAGES[0], {"num_atlases": "two"}, 400, "num_atlases must be a whole number"),
     ]
-    if CT.is_file():
+    if CT_IMAGE.is_file():
         bad += [
             ("abdomen_ct", {}, 400, "larger than the 64x64x64 field of view"),
             ("abdomen_ct_crop", {}, 400, "looks like a CT"),

@@ -107,7 +107,7 @@ def test_training_gradient_reaches_every_parameter():
 # --------------------------------------------------------------------------- size and configurability
 def test_default_parameter_count():
     net = SpatialGradientRegNet()
-    assert sum(p.numel() for p in net.parameters()) == 30_823_311  # about 30.8 M (method.md)
+    assert sum(p.numel() for p in net.parameters()) == 30_823_311  # about 30.8 M (docs/method.md)
     assert len(net.ds_heads) == 4
 
 

@@ -1,7 +1,6 @@
 """Tests of scripts/overrides.py: boolean values and command-line keys checked before any work."""
 
 import json
-import sys
 
 import pytest
 

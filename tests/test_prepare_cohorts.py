@@ -1,4 +1,4 @@
-"""scripts/prepare_cohorts.py on the two real CTs of ../shared/data/abdomen_ct_samples (subject A:
+"""scripts/prepare_cohorts.py on the two real CTs of the abdomen_ct_samples test data (conftest.CT) (subject A:
 NIfTI, 3 mm; subject B: a DICOM series with a label file stored in another orientation): two
 cohorts on one 2 mm grid around a reference scan, translation recovery on a shifted copy of A, and
 bad cohort declarations refused before anything is written, and the output folder written whole,
@@ -24,7 +24,7 @@ from scripts.cohorts import (
 from tests.test_bundle import ROOT
 from tests.test_ct import A_CT, A_LAB, B_DICOM, B_LAB, CT, LIVER, UMASK, assert_normal_permissions, fingerprint
 
-pytestmark = pytest.mark.skipif(not CT.is_dir(), reason="needs ../shared/data/abdomen_ct_samples")
+pytestmark = pytest.mark.skipif(not CT.is_dir(), reason=f"needs {CT} (BUNDLE_TEST_DATA)")
 
 A_IDS = {1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13}  # no 5 (oesophagus) in subject A's label map
 B_IDS = {1, 6, 7, 8, 9, 10, 11, 12}

@@ -19,7 +19,7 @@ from scripts.weights import load_pretrained
 from tests.test_bundle import bundle, ok
 from tests.test_cohorts import A_CT, A_IDS, A_LAB, CT
 
-pytestmark = pytest.mark.skipif(not CT.is_dir(), reason="needs ../shared/data/abdomen_ct_samples")
+pytestmark = pytest.mark.skipif(not CT.is_dir(), reason=f"needs {CT} (BUNDLE_TEST_DATA)")
 SMALL = ["--seg_channels", "[4, 8, 16, 32, 64]", "--patch_size", "[48, 48, 48]"]
 ORGAN = {o: i + 1 for i, o in enumerate(ORGANS)}
 A_ANNOTATED = {
@@ -186,6 +186,7 @@ def test_bad_cohorts_stop_before_any_output(data, trained, tmp_path, config, cha
         if config == "seg_train"
         else ["--output_dir", str(out), "--ckpt_path", str(trained[0])]
     )
-    proc = bundle("--cohorts", str(path), *where, *SMALL, "--max_epochs", "1", configs=(config,))
+    epochs = ["--max_epochs", "1"] if config == "seg_train" else []
+    proc = bundle("--cohorts", str(path), *where, *SMALL, *epochs, configs=(config,))
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert not out.exists()

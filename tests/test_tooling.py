@@ -57,33 +57,33 @@ def test_ckpt_export_torchscript_matches_eager_and_runs_inference_alone(tmp_path
     state = tmp_path / "model.pt"
     torch.save(net.state_dict(), state)
     ts = tmp_path / "model.ts"
+    # scripted, the Model Zoo's default (tests/test_networks.py also checks tracing)
     ok(run("-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(state),
-           "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
-           "--key_in_ckpt", "", "--use_trace", "True", "--input_shape", "[1, 2, 64, 64, 64]"))
+           "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", "--key_in_ckpt", ""))
 
     # A real sample pair, preprocessed as inference does.
     pair = json.loads((SAMPLE / "HippocampusMR_dataset.json").read_text())["registration_val"][0]
     imgs = [preprocessing({"image": str(SAMPLE / pair[r])})["image"].as_tensor() for r in ("moving", "fixed")]
     image = torch.cat(imgs)[None]
     net.eval()
-    scripted = torch.jit.load(str(ts), map_location="cpu")
+    exported = torch.jit.load(str(ts), map_location="cpu")
     extra = {"metadata.json": ""}
     torch.jit.load(str(ts), _extra_files=extra)
     assert json.loads(extra["metadata.json"])["network_data_format"]["outputs"]["pred"]["num_channels"] == 3
     with torch.no_grad():
         eager = net(image)
-        traced = scripted(image)
-    assert eager.shape == traced.shape == (1, 3, 64, 64, 64)
+        scripted = exported(image)
+    assert eager.shape == scripted.shape == (1, 3, 64, 64, 64)
     assert eager.abs().max() > 0.1, "the test network is the identity; the comparison would be vacuous"
-    assert (eager - traced).abs().max() <= 1e-4
+    assert (eager - scripted).abs().max() <= 1e-4
 
-    # Inference from model.ts alone: the network replaced by the TorchScript file, the checkpoint
-    # loader disabled, the .pt deleted.
+    # Inference from model.ts alone: the network replaced by the TorchScript file, no checkpoint, the .pt deleted.
     state.unlink()
     out = tmp_path / "out"
     ok(run("-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-           "--network_def", f"$torch.jit.load('{ts}', map_location=@device)", "--handlers#0#_disabled_", "True",
-           "--ckpt_path", str(state), "--output_dir", str(out), "--figures", "False"))
+           "--network_def", f"$torch.jit.load('{ts}', map_location=@device)", "--ckpt_path", "",
+           "--output_dir", str(out), "--figures", "False"))
     f_id, m_id = Path(pair["fixed"]).name[14:18], Path(pair["moving"]).name[14:18]
     disp = np.asarray(nib.load(out / f"disp_{f_id}_0000_{m_id}_0000.nii.gz").dataobj)
-    assert np.abs(disp - eager[0].permute(1, 2, 3, 0).numpy()).max() <= 1e-4
+    # 1e-3 voxel: inference runs the weights in channels_last_3d order (another summation order)
+    assert np.abs(disp - eager[0].permute(1, 2, 3, 0).numpy()).max() <= 1e-3
