@@ -42,9 +42,8 @@ import nibabel as nib
 import numpy as np
 
 from scripts.files import check_output_dir, staged_dir
-from scripts.learn2reg import DatasetError, disp_name
+from scripts.learn2reg import DatasetError, check_hounsfield, disp_name
 from scripts.metrics import dice_per_label
-from scripts.transforms import check_hounsfield
 
 __all__ = [
     "available_memory",

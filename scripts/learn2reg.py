@@ -24,8 +24,10 @@ import nibabel as nib
 
 __all__ = [
     "DatasetError",
+    "HU_MAX_MINIMUM",
     "OutputName",
     "case_id",
+    "check_hounsfield",
     "check_output_names",
     "disp_name",
     "nifti_header",
@@ -38,6 +40,9 @@ __all__ = [
 
 class DatasetError(ValueError):
     """A dataset folder, index file or pair list that cannot be used; the message names the file."""
+
+
+HU_MAX_MINIMUM = -500.0
 
 
 def case_id(path: str) -> str:
@@ -114,6 +119,25 @@ def check_output_names(pairs: list[dict], style: str = "long", fixed_to_moving: 
                 f"{b['fixed_image']}, moving {b['moving_image']}) would also write {name}; {why}"
             )
     return pairs
+
+
+def check_hounsfield(values, name: str, max_minimum: float = HU_MAX_MINIMUM) -> None:
+    """Refuses, naming ``name``, intensities that are not Hounsfield units: no voxel below
+    ``max_minimum`` (air, about -1000 HU, is in every abdominal CT). The one check used by
+    ``scripts.transforms.CheckHounsfieldd`` and by ``scripts.ct_pair.read_image`` (here, in a module
+    without torch, so that ct_pair starts fast).
+
+    Args:
+        values: the image, any shape, in HU: a numpy array, an ITK array view or a torch tensor.
+        name: the file, for the message.
+        max_minimum: HU; an image whose minimum is above it is refused.
+    """
+    low, high = float(values.min()), float(values.max())
+    if low > max_minimum:
+        raise DatasetError(
+            f"{name}: values {low:g}..{high:g} do not look like Hounsfield units (no voxel below {max_minimum:g}; "
+            "air is about -1000 HU): apply the rescale slope/intercept first"
+        )
 
 
 def read_index(dataset_dir: str) -> tuple[str, dict]:

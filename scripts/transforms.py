@@ -8,12 +8,11 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from scripts.learn2reg import DatasetError
+from scripts.learn2reg import HU_MAX_MINIMUM, check_hounsfield
 
 
-__all__ = ["CheckDivisibled", "CheckHounsfieldd", "CheckImageLabeld", "HU_MAX_MINIMUM", "ToImageGridd", "check_hounsfield", "pad_offsets"]
+__all__ = ["CheckDivisibled", "CheckHounsfieldd", "CheckImageLabeld", "ToImageGridd", "pad_offsets"]
 
-HU_MAX_MINIMUM = -500.0
 
 
 def _name(x) -> str:
@@ -79,29 +78,11 @@ class CheckImageLabeld(MapTransform):
         return d
 
 
-def check_hounsfield(values, name: str, max_minimum: float = HU_MAX_MINIMUM) -> None:
-    """Refuses, naming ``name``, intensities that are not Hounsfield units: no voxel below
-    ``max_minimum`` (air, about -1000 HU, is in every abdominal CT). The one check used by
-    ``CheckHounsfieldd`` and by ``scripts.ct_pair.read_image``.
-
-    Args:
-        values: the image, any shape, in HU: a numpy array, an ITK array view or a torch tensor.
-        name: the file, for the message.
-        max_minimum: HU; an image whose minimum is above it is refused.
-    """
-    low, high = float(values.min()), float(values.max())
-    if low > max_minimum:
-        raise DatasetError(
-            f"{name}: values {low:g}..{high:g} do not look like Hounsfield units (no voxel below {max_minimum:g}; "
-            "air is about -1000 HU): apply the rescale slope/intercept first"
-        )
-
-
 class CheckHounsfieldd(MapTransform):
     """Refuses a CT image whose values are not Hounsfield units, naming the file: no voxel below
     ``max_minimum`` (default -500; air is about -1000 HU and every abdominal CT holds some), so it
     has not been rescaled (DICOM RescaleSlope / RescaleIntercept, NIfTI scl_slope / scl_inter) and its
-    CT windows would be meaningless. The check of ``check_hounsfield``, which
+    CT windows would be meaningless. The check of ``scripts.learn2reg.check_hounsfield``, which
     ``ct_pair`` also applies when it reads a scan. Runs after ``LoadImaged`` + ``EnsureChannelFirstd``.
     """
 
