@@ -29,6 +29,8 @@ SCHEMA_SHA256 = "cd64aa8a5904426f6fc6855dabe46af8c742d5bad644b4e9cfb78ebad09ad67
 TINY = ["--channels", "[4, 8, 16, 32, 64]"]  # a tiny width keeps training runs to seconds
 
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the real commands
+
 def bundle(*args: str, configs=("train",), cwd=ROOT, timeout=600, env=None) -> subprocess.CompletedProcess:
     files = [f"configs/{c}.json" for c in configs]
     config = files[0] if len(files) == 1 else repr(files)

@@ -14,7 +14,6 @@ from monai.transforms import EnsureChannelFirstd, LoadImaged
 
 from scripts import cohorts as C
 from scripts.data import RandomPairDataset
-from scripts.losses import PartialLabelDiceLoss
 from tests.test_bundle import SAMPLE
 from conftest import CT
 
@@ -134,37 +133,6 @@ def test_mapping_and_kidneys_split_by_side_on_a_real_ct():
     assert ((mapped == ORGAN["liver"]) == (truth == 6)).all()
     assert not (mapped[(truth == 12) | (truth == 13)]).any()  # dropped ids become background
     assert set(np.unique(mapped)) <= set(range(C.NUM_CLASSES))
-
-
-# --------------------------------------------------------------------------- partial-label loss
-def test_organ_a_cohort_does_not_annotate_contributes_nothing():
-    torch.manual_seed(0)
-    n = C.NUM_CLASSES
-    target = torch.randint(0, 5, (2, 1, 8, 8, 8))  # organ ids 0..4 (4: liver)
-    mask = torch.zeros(2, n)
-    mask[0, [1, 2]] = 1  # sample 0's cohort annotates spleen and right kidney
-    mask[1, [1, 2, 4]] = 1  # sample 1's also the liver
-    loss = PartialLabelDiceLoss(softmax=False)
-    probs = torch.softmax(torch.randn(2, n, 8, 8, 8), 1).requires_grad_()
-    value = loss(probs, target, mask)
-    value.backward()
-    liver = ORGAN["liver"]
-    assert torch.count_nonzero(probs.grad[0, liver]) == 0  # not annotated by sample 0's cohort
-    assert torch.count_nonzero(probs.grad[0, 0]) == 0  # background is never counted
-    assert torch.count_nonzero(probs.grad[1, liver]) > 0  # annotated by sample 1's cohort
-    assert torch.count_nonzero(probs.grad[0, 1]) > 0
-    # Changing sample 0's liver prediction leaves the loss unchanged; sample 1's does not.
-    for sample, same in ((0, True), (1, False)):
-        changed = probs.detach().clone()
-        changed[sample, liver] = torch.rand(8, 8, 8)
-        assert torch.equal(loss(changed, target, mask), value.detach()) == same
-    # Equal to the mean of per-(sample, organ) soft Dice over annotated pairs (hand-written).
-    one_hot = torch.nn.functional.one_hot(target[:, 0], n).permute(0, 4, 1, 2, 3).float()
-    p = probs.detach()
-    dice = 1 - (2 * (p * one_hot).sum((2, 3, 4)) + 1e-5) / (p.sum((2, 3, 4)) + one_hot.sum((2, 3, 4)) + 1e-5)
-    assert torch.allclose(value.detach(), dice[mask.bool()].mean(), atol=1e-6)
-    with pytest.raises(ValueError, match="no sample of the batch annotates any organ"):
-        loss(probs, target, torch.zeros(2, n))
 
 
 # --------------------------------------------------------------------------- pseudo-labels

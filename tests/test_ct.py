@@ -30,7 +30,7 @@ OVERLAY = ("inference", "abdomen_ct")
 DISP = "disp_0001_0000_0002_0000.nii.gz"  # the bundle's name for the prepared pair's field
 LIVER, AORTA = 6, 8
 
-pytestmark = pytest.mark.skipif(not CT.is_dir(), reason=f"needs {CT} (BUNDLE_TEST_DATA)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not CT.is_dir(), reason=f"needs {CT} (BUNDLE_TEST_DATA)")]
 
 
 UMASK = 0o022  # outputs must get 0o755 folders / 0o644 files under it, not mkdtemp's private 0o700
@@ -134,10 +134,19 @@ def test_prepared_folder_is_a_learn2reg_dataset(prepared):
     assert_normal_permissions(prepared)  # the published staging folder too, not only the files in it
 
 
-def test_inference_and_evaluate_with_the_ct_overlay(prepared, untrained_ckpt, tmp_path):
-    out = tmp_path / "registered"
+@pytest.fixture(scope="module")
+def registered(prepared, untrained_ckpt, tmp_path_factory):
+    """The prepared pair registered by the CT overlay's inference (one run shared by the tests below)."""
+    out = tmp_path_factory.mktemp("registered") / "registered"
     ok(bundle("--dataset_dir", str(prepared), "--output_dir", str(out), "--ckpt_path", str(untrained_ckpt),
               *TINY, configs=OVERLAY))  # fmt: skip
+    return out
+
+
+def test_inference_and_evaluate_with_the_ct_overlay(prepared, registered, tmp_path):
+    out = tmp_path / "registered"
+    shutil.copytree(registered, out)  # evaluate writes its metrics into the folder
+    assert (out / "figure_0001_0002.png").is_file()
     disp = nib.load(out / DISP)
     assert disp.shape == (192, 160, 256, 3) and disp.get_data_dtype() == np.float32  # the official format
     assert np.abs(np.asarray(disp.dataobj)).max() == 0  # the untrained network is the identity
@@ -167,10 +176,8 @@ def test_training_with_the_ct_overlay_uses_random_patches(prepared, tmp_path):
 
 
 # --------------------------------------------------------------------------- prepare -> register -> restore
-def test_restore_puts_outputs_on_the_fixed_scans_own_grid(prepared, untrained_ckpt, tmp_path):
-    reg = tmp_path / "registered"
-    ok(bundle("--dataset_dir", str(prepared), "--output_dir", str(reg), "--ckpt_path", str(untrained_ckpt),
-              "--figures", "False", *TINY, configs=OVERLAY))  # fmt: skip
+def test_restore_puts_outputs_on_the_fixed_scans_own_grid(prepared, registered, tmp_path):
+    reg = registered
     out = tmp_path / "result"
     proc = ct_pair_cli("restore", "--prepared_dir", str(prepared), "--disp_dir", str(reg), "--out_dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -161,3 +161,32 @@ def test_warp_labels_onehot_is_differentiable():
     ddf = torch.from_numpy(smooth_ddf(SHAPE, 1.5, seed=9))[None].requires_grad_()
     warp_labels_onehot(onehot, ddf)[:, 1:].sum().backward()
     assert ddf.grad is not None and ddf.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 17, 20, 9), (1, 1, 5, 1, 7)])
+def test_warps_equal_monai_warp_to_the_bit(shape):
+    # The helpers use their own device-resident reference grid instead of monai's Warp (speed), with
+    # the same arithmetic: values and gradients must not differ at all, also along a singleton axis.
+    import warnings
+
+    from monai.networks.blocks import Warp
+
+    torch.manual_seed(0)
+    image = torch.randn(*shape)
+    labels = torch.randint(0, 4, (shape[0], 1, *shape[2:]))
+    ddf = (torch.randn(shape[0], 3, *shape[2:]) * 4).requires_grad_()
+    ddf_ref = ddf.detach().clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        border, zeros, nearest = (Warp(mode=m, padding_mode=p) for m, p in (("bilinear", "border"), ("bilinear", "zeros"), ("nearest", "zeros")))
+    assert torch.equal(warp_image(image, ddf), border(image, ddf_ref))
+    assert torch.equal(warp_image(image, ddf, padding="zeros"), zeros(image, ddf_ref))
+    assert torch.equal(warp_labels_nearest(labels, ddf.detach()), nearest(labels.float(), ddf_ref.detach()).long())
+    (warp_image(image, ddf) ** 2).sum().backward()
+    (border(image, ddf_ref) ** 2).sum().backward()
+    assert torch.equal(ddf.grad, ddf_ref.grad)
+
+
+def test_warp_shape_mismatch_is_refused():
+    with pytest.raises(ValueError, match="must match"):
+        warp_image(torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 3, 8, 8, 7))

@@ -10,7 +10,8 @@ from conftest import map_coordinates_warp, smooth_volume
 from monai.losses import LocalNormalizedCrossCorrelationLoss
 
 from scripts.deformation import gradient_to_ddf
-from scripts.losses import LocalNCCLoss, SymmetricRegistrationLoss
+from scripts.cohorts import NUM_CLASSES, ORGANS
+from scripts.losses import LocalNCCLoss, PartialLabelDiceLoss, SymmetricRegistrationLoss
 from scripts.networks import SpatialGradientRegNet
 
 SIZE = (16, 16, 16)
@@ -255,3 +256,34 @@ def test_smoothness_is_the_authors_l1_between_sigmoid_and_half():
     terms = loss.terms({"grad_mf": g}, _batch(batch=1, labels=False))
     assert terms["smooth"].item() == pytest.approx(0.25 / 3, rel=1e-6)
     assert terms["loss"].item() == pytest.approx(terms["sim"].item() + 0.1 * 0.25 / 3, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- partial-label loss
+def test_organ_a_cohort_does_not_annotate_contributes_nothing():
+    torch.manual_seed(0)
+    n = NUM_CLASSES
+    target = torch.randint(0, 5, (2, 1, 8, 8, 8))  # organ ids 0..4 (4: liver)
+    mask = torch.zeros(2, n)
+    mask[0, [1, 2]] = 1  # sample 0's cohort annotates spleen and right kidney
+    mask[1, [1, 2, 4]] = 1  # sample 1's also the liver
+    loss = PartialLabelDiceLoss(softmax=False)
+    probs = torch.softmax(torch.randn(2, n, 8, 8, 8), 1).requires_grad_()
+    value = loss(probs, target, mask)
+    value.backward()
+    liver = ORGANS.index("liver") + 1
+    assert torch.count_nonzero(probs.grad[0, liver]) == 0  # not annotated by sample 0's cohort
+    assert torch.count_nonzero(probs.grad[0, 0]) == 0  # background is never counted
+    assert torch.count_nonzero(probs.grad[1, liver]) > 0  # annotated by sample 1's cohort
+    assert torch.count_nonzero(probs.grad[0, 1]) > 0
+    # Changing sample 0's liver prediction leaves the loss unchanged; sample 1's does not.
+    for sample, same in ((0, True), (1, False)):
+        changed = probs.detach().clone()
+        changed[sample, liver] = torch.rand(8, 8, 8)
+        assert torch.equal(loss(changed, target, mask), value.detach()) == same
+    # Equal to the mean of per-(sample, organ) soft Dice over annotated pairs (hand-written).
+    one_hot = torch.nn.functional.one_hot(target[:, 0], n).permute(0, 4, 1, 2, 3).float()
+    p = probs.detach()
+    dice = 1 - (2 * (p * one_hot).sum((2, 3, 4)) + 1e-5) / (p.sum((2, 3, 4)) + one_hot.sum((2, 3, 4)) + 1e-5)
+    assert torch.allclose(value.detach(), dice[mask.bool()].mean(), atol=1e-6)
+    with pytest.raises(ValueError, match="no sample of the batch annotates any organ"):
+        loss(probs, target, torch.zeros(2, n))

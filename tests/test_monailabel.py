@@ -39,6 +39,8 @@ IMAGES = ["hippocampus_390", "hippocampus_393"]  # held-out validation cases, no
 LABELS = (1, 2)
 
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the real commands
+
 def _missing(reason: str):
     if IN_CI:
         pytest.fail(f"{reason} (CI=true: this test must run in CI)")

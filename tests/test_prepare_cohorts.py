@@ -24,7 +24,7 @@ from scripts.cohorts import (
 from tests.test_bundle import ROOT
 from tests.test_ct import A_CT, A_LAB, B_DICOM, B_LAB, CT, LIVER, UMASK, assert_normal_permissions, fingerprint
 
-pytestmark = pytest.mark.skipif(not CT.is_dir(), reason=f"needs {CT} (BUNDLE_TEST_DATA)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not CT.is_dir(), reason=f"needs {CT} (BUNDLE_TEST_DATA)")]
 
 A_IDS = {1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13}  # no 5 (oesophagus) in subject A's label map
 B_IDS = {1, 6, 7, 8, 9, 10, 11, 12}

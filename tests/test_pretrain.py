@@ -17,6 +17,8 @@ VAL_ONE = [
 ]
 
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the real commands
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """Two cohorts of 4 real MRIs each (the bundle's sample cases, labels not given), 1 epoch."""

@@ -34,6 +34,8 @@ ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_TH
        "no_proxy": "127.0.0.1"}
 
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the real commands
+
 def run(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python <args>`` in ``cwd``; fails the test with its output on a non-zero exit."""
     proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV)

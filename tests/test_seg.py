@@ -19,7 +19,7 @@ from scripts.weights import load_pretrained
 from tests.test_bundle import bundle, ok
 from tests.test_cohorts import A_CT, A_IDS, A_LAB, CT
 
-pytestmark = pytest.mark.skipif(not CT.is_dir(), reason=f"needs {CT} (BUNDLE_TEST_DATA)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not CT.is_dir(), reason=f"needs {CT} (BUNDLE_TEST_DATA)")]
 SMALL = ["--seg_channels", "[4, 8, 16, 32, 64]", "--patch_size", "[48, 48, 48]"]
 ORGAN = {o: i + 1 for i, o in enumerate(ORGANS)}
 A_ANNOTATED = {
