@@ -60,7 +60,9 @@ def main(argv=None) -> int:
 
     pairs = read_pairs(args.dataset_dir, args.pairs_selection)[: args.num_pairs]
     work = Path(tempfile.mkdtemp(prefix="bench-ants-"))
-    (work / "pairs.csv").write_text("fixed,moving\n" + "".join(f"{p['fixed_image']},{p['moving_image']}\n" for p in pairs))
+    (work / "pairs.csv").write_text(
+        "fixed,moving\n" + "".join(f"{p['fixed_image']},{p['moving_image']}\n" for p in pairs)
+    )
     (work / "pairs.json").write_text(json.dumps(pairs))
     t = str(args.threads)
     env = dict(os.environ, OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=t)
@@ -69,7 +71,9 @@ def main(argv=None) -> int:
                   "--dataset_dir", args.dataset_dir, "--pairs_selection", str(work / "pairs.csv"),
                   "--output_dir", str(work / "bundle"), "--figures", "False"]  # fmt: skip
     bundle_wall = _run(bundle_cmd, env)
-    ants_wall = _run([str(ANTS_PYTHON), "benchmarks/ants/register.py", str(work / "pairs.json"), str(work / "ants")], env)
+    ants_wall = _run(
+        [str(ANTS_PYTHON), "benchmarks/ants/register.py", str(work / "pairs.json"), str(work / "ants")], env
+    )
 
     results = {}
     for name, wall in (("bundle", bundle_wall), ("ants_syn", ants_wall)):
@@ -87,15 +91,23 @@ def main(argv=None) -> int:
     print("| method | s per pair (median) | whole run (s) | Dice | Dice30 | HD95 | SDlogJ | folding % |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['seconds_per_pair_median']:.3f} | {r['wall_seconds_whole_run']:.1f} | {r['dice']:.3f} | "
-              f"{r['dice30']:.3f} | {r['hd95']:.2f} | {r['sdlogj']:.3f} | {r['folding_percent']:.2f} |")
+        print(
+            f"| {name} | {r['seconds_per_pair_median']:.3f} | {r['wall_seconds_whole_run']:.1f} | {r['dice']:.3f} | "
+            f"{r['dice30']:.3f} | {r['hd95']:.2f} | {r['sdlogj']:.3f} | {r['folding_percent']:.2f} |"
+        )
     print(f"ANTs SyN takes {ratio:.1f} times as long per pair as the bundle ({len(pairs)} pairs, {t} threads)")
     if args.json:
         import torch
 
-        meta = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "threads": args.threads, "pairs": len(pairs),
-                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                "dataset_dir": os.path.relpath(args.dataset_dir, ROOT), "pairs_selection": args.pairs_selection}
+        meta = {
+            "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+            "threads": args.threads,
+            "pairs": len(pairs),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "dataset_dir": os.path.relpath(args.dataset_dir, ROOT),
+            "pairs_selection": args.pairs_selection,
+        }
         args.json.write_text(json.dumps({"meta": meta, "results": results, "ants_over_bundle": ratio}, indent=1) + "\n")
     return 0
 

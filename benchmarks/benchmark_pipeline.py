@@ -46,8 +46,16 @@ def stage_times(dataset_dir: str, pairs_selection: str, num_pairs: int, precisio
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "inference.json"))
     out = tempfile.mkdtemp(prefix="bench-")
-    parser.update({"bundle_root": str(ROOT), "dataset_dir": dataset_dir, "pairs_selection": pairs_selection,
-                   "output_dir": out, "precision": precision, "channels_last": channels_last})
+    parser.update(
+        {
+            "bundle_root": str(ROOT),
+            "dataset_dir": dataset_dir,
+            "pairs_selection": pairs_selection,
+            "output_dir": out,
+            "precision": precision,
+            "channels_last": channels_last,
+        }
+    )
     pairs = parser.get_parsed_content("pairs")[:num_pairs]
     pre = parser.get_parsed_content("preprocessing")
     read, rest = Compose(pre.transforms[:2]), Compose(pre.transforms[2:])
@@ -65,7 +73,9 @@ def stage_times(dataset_dir: str, pairs_selection: str, num_pairs: int, precisio
         return result
 
     for pair in pairs:
-        cases = {r: {k: pair[f"{r}_{k}"] for k in ("image", "label") if f"{r}_{k}" in pair} for r in ("fixed", "moving")}
+        cases = {
+            r: {k: pair[f"{r}_{k}"] for k in ("image", "label") if f"{r}_{k}" in pair} for r in ("fixed", "moving")
+        }
         loaded = timed("read", lambda: {r: read(c) for r, c in cases.items()})
         ready = timed("preprocess", lambda: {r: rest(c) for r, c in loaded.items()})
         fixed, moving = ready["fixed"]["image"][None], ready["moving"]["image"][None]
@@ -77,10 +87,16 @@ def stage_times(dataset_dir: str, pairs_selection: str, num_pairs: int, precisio
             timed("integration", gradient_to_ddf, g)
             warped = timed("warp image", warp_image, moving, ddf)
             warped_label = timed("warp label map", warp_labels_nearest, ready["moving"]["label"][None].long(), ddf)
-        item = {"fixed_id": pair["fixed_id"], "moving_id": pair["moving_id"], "fixed_image": ready["fixed"]["image"],
-                "moving_image": ready["moving"]["image"], "ddf": ddf[0], "warped_image": warped[0],
-                "warped_label": warped_label[0], "label": torch.nn.functional.one_hot(
-                    ready["fixed"]["label"][0].long(), 3).permute(3, 0, 1, 2)}
+        item = {
+            "fixed_id": pair["fixed_id"],
+            "moving_id": pair["moving_id"],
+            "fixed_image": ready["fixed"]["image"],
+            "moving_image": ready["moving"]["image"],
+            "ddf": ddf[0],
+            "warped_image": warped[0],
+            "warped_label": warped_label[0],
+            "label": torch.nn.functional.one_hot(ready["fixed"]["label"][0].long(), 3).permute(3, 0, 1, 2),
+        }
         timed("figure", figure, dict(item))
         item = timed("back to the fixed grid", to_grid, item)
         for key in ("ddf", "warped_image"):
@@ -109,8 +125,12 @@ def whole_command(dataset_dir: str, pairs_selection: str, threads: int, extra: l
         return {"command": " ".join(cmd[1:]), "error": proc.stderr.strip().splitlines()[-1]}
     rows = (out / "timing.csv").read_text().splitlines()[1:]
     seconds = [float(r.split(",")[2]) for r in rows]
-    return {"command": "python " + " ".join(cmd[1:]).replace(str(out), "<tmp>"), "pairs": len(rows),
-            "wall_seconds": wall, "timing_csv_median": statistics.median(seconds)}
+    return {
+        "command": "python " + " ".join(cmd[1:]).replace(str(out), "<tmp>"),
+        "pairs": len(rows),
+        "wall_seconds": wall,
+        "timing_csv_median": statistics.median(seconds),
+    }
 
 
 def main(argv=None) -> int:
@@ -130,7 +150,9 @@ def main(argv=None) -> int:
     for variant in args.variants:
         precision, layout = variant.split(":")
         print(f"stages: {variant} ...", file=sys.stderr, flush=True)
-        results.append(stage_times(args.dataset_dir, args.pairs_selection, args.num_pairs, precision, layout == "channels_last"))
+        results.append(
+            stage_times(args.dataset_dir, args.pairs_selection, args.num_pairs, precision, layout == "channels_last")
+        )
     print("whole command ...", file=sys.stderr, flush=True)
     command = whole_command(args.dataset_dir, args.pairs_selection, args.threads, [])
     stages = list(results[0]["median_seconds"])
@@ -140,9 +162,14 @@ def main(argv=None) -> int:
         print(f"| {s} | " + " | ".join(f"{r['median_seconds'][s]:.4f}" for r in results) + " |")
     print(json.dumps(command, indent=1))
     if args.json:
-        meta = {"torch": torch.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": args.threads,
-                "dataset_dir": os.path.relpath(args.dataset_dir, ROOT)}
+        meta = {
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": args.threads,
+            "dataset_dir": os.path.relpath(args.dataset_dir, ROOT),
+        }
         args.json.write_text(json.dumps({"meta": meta, "stages": results, "command": command}, indent=1) + "\n")
     return 0 if "error" not in command else 1
 

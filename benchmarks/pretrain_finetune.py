@@ -38,8 +38,19 @@ def run(name: str, configs: list[str], args: list[str], work: Path) -> dict:
     out = work / name
     out.mkdir(parents=True, exist_ok=True)
     config = configs[0] if len(configs) == 1 else str(configs)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--ckpt_dir", str(out),
-           "--log_dir", str(out / "logs"), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        config,
+        "--ckpt_dir",
+        str(out),
+        "--log_dir",
+        str(out / "logs"),
+        *args,
+    ]
     print(" ".join(cmd), flush=True)
     start = time.time()
     with open(out / "train.log", "w") as log:
@@ -64,14 +75,38 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     a = parser.parse_args()
     work = Path(a.work_dir).resolve()
-    common = ["--dataset_dir", str(Path(a.dataset_dir).resolve()), "--channels", a.channels, "--batch_size", "2",
-              "--num_workers", "1", "--val_interval", "1", "--learning_rate", "0.0005", "--aug_prob", "0", "--seed", "0"]  # fmt: skip
+    common = [
+        "--dataset_dir",
+        str(Path(a.dataset_dir).resolve()),
+        "--channels",
+        a.channels,
+        "--batch_size",
+        "2",
+        "--num_workers",
+        "1",
+        "--val_interval",
+        "1",
+        "--learning_rate",
+        "0.0005",
+        "--aug_prob",
+        "0",
+        "--seed",
+        "0",
+    ]
     results = {"settings": vars(a), "machine": f"{platform.node()} {os.cpu_count()} cores"}
-    results["pretrain"] = run("pretrain", ["configs/train.json", "configs/pretrain.json"],
-                              [*common, "--max_epochs", str(a.pretrain_epochs)], work)  # fmt: skip
+    results["pretrain"] = run(
+        "pretrain",
+        ["configs/train.json", "configs/pretrain.json"],
+        [*common, "--max_epochs", str(a.pretrain_epochs)],
+        work,
+    )
     ckpt = work / "pretrain" / f"checkpoint_epoch={a.pretrain_epochs}.pt"
-    results["finetune"] = run("finetune", ["configs/train.json"],
-                              [*common, "--max_epochs", str(a.epochs), "--pretrained_ckpt", str(ckpt)], work)  # fmt: skip
+    results["finetune"] = run(
+        "finetune",
+        ["configs/train.json"],
+        [*common, "--max_epochs", str(a.epochs), "--pretrained_ckpt", str(ckpt)],
+        work,
+    )
     results["scratch"] = run("scratch", ["configs/train.json"], [*common, "--max_epochs", str(a.epochs)], work)
     for name in ("pretrain", "finetune", "scratch"):
         dice = [round(e["val_dice"], 4) for e in results[name]["val_per_epoch"]]

@@ -39,14 +39,14 @@ def average(*paths: str, out: str) -> str:
     check_output_dir(os.path.dirname(os.path.abspath(out)))  # before reading any checkpoint
     states = [read_state_dict(p) for p in paths]
     ref = states[0]
-    for p, state in zip(paths[1:], states[1:]):
+    for p, state in zip(paths[1:], states[1:], strict=True):
         if set(state) != set(ref) or any(state[k].shape != ref[k].shape for k in ref):
             raise CheckpointError(
                 f"{p}: holds other tensors or shapes than {paths[0]}; "
                 "only checkpoints of one architecture can be averaged"
             )
     for k, v in ref.items():
-        for p, state in zip(paths[1:], states[1:]):
+        for p, state in zip(paths[1:], states[1:], strict=True):
             if not v.is_floating_point() and not torch.equal(state[k], v):
                 raise CheckpointError(f"{p}: its non-float tensor {k} differs from {paths[0]}'s and cannot be averaged")
     # Summed in float64 so that the mean of many float32 / float16 checkpoints does not lose precision.

@@ -145,14 +145,7 @@ def load_cohorts(cohorts) -> list[dict]:
         mask = np.zeros(NUM_CLASSES, dtype=np.float32)
         mask[[ORGANS.index(o) + 1 for o in annotated]] = 1.0
         out.append(
-            {
-                "name": name,
-                "data": data,
-                "labels": labels,
-                "annotated": list(annotated),
-                "lut": lut,
-                "mask": mask,
-            }
+            {"name": name, "data": data, "labels": labels, "annotated": list(annotated), "lut": lut, "mask": mask}
         )
     return out
 
@@ -193,7 +186,11 @@ def _files(data, where: str, exclude_val: bool, num_val: int) -> list[dict]:
         if "registration_val" in index:  # a Learn2Reg index: read it as its folder
             return _files(folder, where, exclude_val, num_val)
         entries = [
-            {k: os.path.normpath(os.path.join(folder, e[k])) for k in ("image", "label") if isinstance(e, dict) and e.get(k)}
+            {
+                k: os.path.normpath(os.path.join(folder, e[k]))
+                for k in ("image", "label")
+                if isinstance(e, dict) and e.get(k)
+            }
             for e in index["training"]
         ]
     elif isinstance(data, str) and os.path.isdir(data):
@@ -367,13 +364,7 @@ class MapCohortLabelsd(MapTransform):
     file; undeclared ids below it are refused earlier by ``check_label_ids`` (``check_labels``,
     on by default in the configs)."""
 
-    def __init__(
-        self,
-        keys="label",
-        image_key: str = "image",
-        lut_key: str = "lut",
-        allow_missing_keys: bool = True,
-    ):
+    def __init__(self, keys="label", image_key: str = "image", lut_key: str = "lut", allow_missing_keys: bool = True):
         super().__init__(keys, allow_missing_keys)
         self.image_key, self.lut_key = image_key, lut_key
 
@@ -415,13 +406,7 @@ class KeepGroundTruthd(MapTransform):
     else; every ground-truth organ voxel keeps its ground-truth id. Cases without a label map are
     left unchanged."""
 
-    def __init__(
-        self,
-        keys="pred",
-        label_key: str = "label",
-        mask_key: str = "mask",
-        allow_missing_keys: bool = False,
-    ):
+    def __init__(self, keys="pred", label_key: str = "label", mask_key: str = "mask", allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.label_key, self.mask_key = label_key, mask_key
 
@@ -436,11 +421,7 @@ class KeepGroundTruthd(MapTransform):
             values = torch.as_tensor(pred).round().long()
             if values.shape != gt.shape:
                 raise ValueError(f"prediction shape {tuple(values.shape)} and label map shape {tuple(gt.shape)} differ")
-            out = torch.where(
-                torch.isin(values, annotated.to(values.device)),
-                torch.zeros_like(values),
-                values,
-            )
+            out = torch.where(torch.isin(values, annotated.to(values.device)), torch.zeros_like(values), values)
             out = torch.where(gt > 0, gt.to(out.device), out).to(pred.dtype)
             d[key] = (
                 MetaTensor(out, meta=pred.meta, applied_operations=pred.applied_operations)
@@ -474,7 +455,9 @@ def pseudo_label_path(image: str, output_dir: str, root: str, postfix: str = "se
     return os.path.normpath(os.path.join(os.path.abspath(output_dir), rel, f"{stem}_{postfix}.nii.gz"))
 
 
-def write_pseudo_label_index(cases: list[dict], output_dir: str, postfix: str = "seg", written_dir: str | None = None) -> str:
+def write_pseudo_label_index(
+    cases: list[dict], output_dir: str, postfix: str = "seg", written_dir: str | None = None
+) -> str:
     """After seg_inference.json: ``<output_dir>/dataset.json`` listing every image with its
     pseudo-label map (organ ids), and ``<output_dir>/cohorts.json``, the same cases grouped by
     their cohort: ``--cohorts <output_dir>/cohorts.json --use_labels True`` pretrains the

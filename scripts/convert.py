@@ -269,7 +269,7 @@ def msd_to_learn2reg(
             "name": task,
             "description": (
                 f"{task}: converted from the Medical Segmentation Decathlon (MSD) Task04-style dataset "
-                f"'{msd_name}' ({index.get('description', 'no description')}) by scripts/convert.py: MSD case "
+                f"{msd_name!r} ({index.get('description', 'no description')}) by scripts/convert.py: MSD case "
                 f"numbers kept as ids, every volume centre padded/cropped with zeros to {list(size)} "
                 "(monai ResizeWithPadOrCrop, affine updated), no resampling, no reorientation, "
                 "no intensity normalisation."
@@ -292,7 +292,7 @@ def msd_to_learn2reg(
             "numPairedTraining": 0,
             "training_paired_images": [],
             "numRegistration_val": len(val),
-            "registration_val": [{"fixed": image(f), "moving": image(m)} for f, m in zip(val, val[::-1])],
+            "registration_val": [{"fixed": image(f), "moving": image(m)} for f, m in zip(val, val[::-1], strict=True)],
             "numRegistration_test": 0,
             "registration_test": [],
         }

@@ -100,7 +100,7 @@ def _dicom_files(folder: str) -> list[str]:
     names = itk.GDCMSeriesFileNames.New()
     names.SetUseSeriesDetails(True)
     names.SetDirectory(folder)
-    uids = [u for u in names.GetSeriesUIDs()]
+    uids = list(names.GetSeriesUIDs())
     if not uids:
         raise DatasetError(f"{folder}: no DICOM series found in this folder")
     if len(uids) > 1:
@@ -294,12 +294,7 @@ def _check_grid_size(shape, spacing: float, name: str) -> None:
 
 
 def common_grid(
-    fixed,
-    spacing: float = 2.0,
-    orientation: str = "RAS",
-    multiple: int = 16,
-    size=None,
-    name: str = "the fixed scan",
+    fixed, spacing: float = 2.0, orientation: str = "RAS", multiple: int = 16, size=None, name: str = "the fixed scan"
 ):
     """An empty reference image: ``spacing`` mm isotropic, array axes along ``orientation``
     (NIfTI axis codes, e.g. RAS), covering the fixed scan's extent (or exactly ``size`` voxels),
@@ -328,7 +323,9 @@ def common_grid(
 
 
 def _resample(image, reference, transform, nearest: bool, default: float):
-    interpolator = (itk.NearestNeighborInterpolateImageFunction if nearest else itk.LinearInterpolateImageFunction).New(image)
+    interpolator = (itk.NearestNeighborInterpolateImageFunction if nearest else itk.LinearInterpolateImageFunction).New(
+        image
+    )
     return itk.resample_image_filter(
         image, transform=transform, interpolator=interpolator, use_reference_image=True,
         reference_image=reference, default_pixel_value=default,
@@ -365,7 +362,10 @@ def prealign_transform(fixed, moving, kind: str = "affine", init: str | None = N
         transform.SetTranslation([float(t) for t in centre_m - centre_f])
     if kind == "center":
         return transform
-    clip = lambda im: itk.clamp_image_filter(im, bounds=(-200.0, 400.0))  # soft tissue
+
+    def clip(im):  # soft tissue
+        return itk.clamp_image_filter(im, bounds=(-200.0, 400.0))
+
     f, m = clip(fixed), clip(moving)
     # translation: a translation t (fixed frame) is optimised after the start transform, which stays
     # fixed: x -> start(x + t); folded back into the affine below
@@ -393,8 +393,10 @@ def prealign_transform(fixed, moving, kind: str = "affine", init: str | None = N
     if kind == "affine":
         return reg.GetModifiableTransform()
     # start(x + t) = A (x + t - c) + c + T = A (x - c) + c + (T + A t)
-    shift = np.array(itk.array_from_matrix(transform.GetMatrix()), dtype=float) @ np.array(optimised.GetOffset(), dtype=float)
-    transform.SetTranslation([float(a + b) for a, b in zip(transform.GetTranslation(), shift)])
+    shift = np.array(itk.array_from_matrix(transform.GetMatrix()), dtype=float) @ np.array(
+        optimised.GetOffset(), dtype=float
+    )
+    transform.SetTranslation([float(a + b) for a, b in zip(transform.GetTranslation(), shift, strict=True)])
     return transform
 
 
@@ -495,14 +497,19 @@ def prepare(
     moved = itk.array_view_from_image(images[MOVING_ID])
     if float(moved.max()) == float(moved.min()):
         raise DatasetError(
-            f"{moving}: does not overlap the fixed scan {fixed} after pre-alignment '{prealign}' (scanner "
+            f"{moving}: does not overlap the fixed scan {fixed} after pre-alignment {prealign!r} (scanner "
             "coordinates of different patients rarely do): use --prealign center or affine, or --init_transform"
         )
     labels = {}
     if f_lab is not None and m_lab is not None:  # the dataset lists labels only for both
-        labels = {FIXED_ID: _resample(f_lab, grid, identity, True, 0), MOVING_ID: _resample(m_lab, grid, transform, True, 0)}
+        labels = {
+            FIXED_ID: _resample(f_lab, grid, identity, True, 0),
+            MOVING_ID: _resample(m_lab, grid, transform, True, 0),
+        }
 
-    name = lambda i: f"{TASK}_{i}_0000.nii.gz"
+    def name(i):
+        return f"{TASK}_{i}_0000.nii.gz"
+
     record = {
         "fixed": os.path.abspath(fixed), "moving": os.path.abspath(moving),
         "fixed_label": os.path.abspath(fixed_label) if fixed_label else None,
@@ -587,7 +594,7 @@ def _dice_by_label(fixed, warped, moving) -> dict:
     unwarped moving label map; one warped away scores 0) as {label: Dice} over those labels."""
     labels = [int(v) for v in np.unique(fixed) if v != 0]
     scores = dice_per_label(fixed, warped, moving, labels)
-    return {str(k): float(d) for k, d in zip(labels, scores) if not np.isnan(d)}
+    return {str(k): float(d) for k, d in zip(labels, scores, strict=True) if not np.isnan(d)}
 
 
 def restore(prepared_dir: str, disp_dir: str, out_dir: str) -> dict:
@@ -595,7 +602,9 @@ def restore(prepared_dir: str, disp_dir: str, out_dir: str) -> dict:
     Every input is checked, and every output computed and found finite, before anything is written."""
     check_output_dir(out_dir, overwrite=False, overwrite_option=None)
     record, grid, prealign = _read_prepared(prepared_dir)
-    candidates = [os.path.join(disp_dir, disp_name(record["fixed_id"], record["moving_id"], s)) for s in ("long", "short")]
+    candidates = [
+        os.path.join(disp_dir, disp_name(record["fixed_id"], record["moving_id"], s)) for s in ("long", "short")
+    ]
     disp = next((p for p in candidates if os.path.isfile(p)), None)
     if disp is None:
         raise DatasetError(f"{disp_dir}: no displacement file {os.path.basename(candidates[0])} (or the short name)")
@@ -652,7 +661,9 @@ def main(argv=None) -> int:
     p.add_argument("--moving_label")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--prealign", default="none", choices=PREALIGN_KINDS)
-    p.add_argument("--init_transform", help="ITK affine transform file, fixed -> moving (starts or replaces --prealign)")
+    p.add_argument(
+        "--init_transform", help="ITK affine transform file, fixed -> moving (starts or replaces --prealign)"
+    )
     p.add_argument("--spacing", type=float, default=2.0,
                    help=f"mm, isotropic, in (0, {MAX_SPACING_MM:g}] (default 2, as AbdomenCTCT)")  # fmt: skip
     p.add_argument("--orientation", default="RAS", help="axis codes of the prepared arrays (default RAS)")
@@ -669,8 +680,15 @@ def main(argv=None) -> int:
             print(f"wrote {args.out_dir}: grid {rec['grid_size']} at {rec['spacing']} mm ({rec['orientation']})")
         else:
             metrics = restore(args.prepared_dir, args.disp_dir, args.out_dir)
-            print(f"wrote {args.out_dir}" + (f": mean Dice {metrics['mean_dice']:.3f} on labels {metrics['labels_in_both']} "
-                  f"(pre-alignment only: {metrics['mean_dice_prealign_only']:.3f})" if metrics.get("mean_dice") is not None else ""))
+            print(
+                f"wrote {args.out_dir}"
+                + (
+                    f": mean Dice {metrics['mean_dice']:.3f} on labels {metrics['labels_in_both']} "
+                    f"(pre-alignment only: {metrics['mean_dice_prealign_only']:.3f})"
+                    if metrics.get("mean_dice") is not None
+                    else ""
+                )
+            )
     except (ValueError, OSError) as e:  # DatasetError is a ValueError; FileExistsError, PermissionError are OSErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,7 +32,11 @@ class RandomPairDataset(Dataset, Randomizable):
     """
 
     def __init__(
-        self, cases: Sequence[dict], transform: Callable | None = None, keys=("image", "label"), group_key: str | None = None
+        self,
+        cases: Sequence[dict],
+        transform: Callable | None = None,
+        keys=("image", "label"),
+        group_key: str | None = None,
     ) -> None:
         if len(cases) < 2:
             raise ValueError(f"random pairs need at least 2 cases, got {len(cases)}")

@@ -20,7 +20,9 @@ __all__ = ["gradient_to_ddf", "warp_image", "warp_labels_onehot", "warp_labels_n
 _REFERENCE_GRIDS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _reference_grid(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _reference_grid(
+    shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Voxel coordinates (1, H, W, D, 3) and the normalising denominators (3,), built on ``device``.
     Kept for grids of at most 2^22 voxels (48 MiB in float32; a few entries: the training crop, the
     validation and inference grids); a larger one (a whole CT) is built for each call instead of
@@ -46,8 +48,16 @@ def _warp(image: torch.Tensor, ddf: torch.Tensor, mode: str, padding: str) -> to
     a training step (0.19 s of which the network's forward was 0.012 s, 14 warps a step with deep
     supervision). Here the grid lives on the device, one per shape, and channels are reversed with
     ``flip`` (whose backward is a flip)."""
-    if ddf.ndim != 5 or image.ndim != 5 or ddf.shape[1] != 3 or ddf.shape[0] != image.shape[0] or ddf.shape[2:] != image.shape[2:]:
-        raise ValueError(f"image (B, C, H, W, D) and ddf (B, 3, H, W, D) must match, got {list(image.shape)} and {list(ddf.shape)}")
+    if (
+        ddf.ndim != 5
+        or image.ndim != 5
+        or ddf.shape[1] != 3
+        or ddf.shape[0] != image.shape[0]
+        or ddf.shape[2:] != image.shape[2:]
+    ):
+        raise ValueError(
+            f"image (B, C, H, W, D) and ddf (B, 3, H, W, D) must match, got {list(image.shape)} and {list(ddf.shape)}"
+        )
     reference, denominators = _reference_grid(tuple(ddf.shape[2:]), ddf.device, ddf.dtype)
     grid = (reference + ddf.permute(0, 2, 3, 4, 1)) * 2 / denominators - 1
     return F.grid_sample(image, grid.flip(-1), mode=mode, padding_mode=padding, align_corners=True)

@@ -150,7 +150,7 @@ def evaluate_folder(
     labels = [int(v) if float(v).is_integer() else float(v) for v in labels]
 
     rows, invalid = [], []
-    for pair, disp_path in zip(pairs, disp_paths):
+    for pair, disp_path in zip(pairs, disp_paths, strict=True):
         disp = _read_disp(disp_path)
         row = {"fixed_id": _id(pair["fixed_id"]), "moving_id": _id(pair["moving_id"])}
         bad = int(disp.size - np.isfinite(disp).sum())
@@ -163,7 +163,7 @@ def evaluate_folder(
             moving = nib.load(pair["moving_label"]).get_fdata()
             res = evaluate_pair(fixed_img.get_fdata(), moving, disp, labels, spacing=fixed_img.header.get_zooms()[:3])
         row.update({m: res[m] for m in METRICS})
-        row.update({f"dice_{label}": d for label, d in zip(labels, res["dice_per_label"])})
+        row.update({f"dice_{label}": d for label, d in zip(labels, res["dice_per_label"], strict=True)})
         row["valid"] = not bad
         rows.append(row)
 
@@ -203,7 +203,9 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def identity_baseline(dataset_dir: str, output_dir: str, pairs_selection: str = "registration_val", num_val: int = 40) -> dict:
+def identity_baseline(
+    dataset_dir: str, output_dir: str, pairs_selection: str = "registration_val", num_val: int = 40
+) -> dict:
     """The unregistered baseline: writes a zero displacement file per pair into ``output_dir``
     (fixed shape + (3,), float32, fixed affine) and evaluates it like any submission.
 

@@ -98,7 +98,7 @@ def remove_stale(folder: str) -> list[str]:
     return removed
 
 
-class atomic_path:
+class atomic_path:  # noqa: N801 (used like a function: with atomic_path(p) as tmp)
     """Context manager giving a temporary path next to ``path``; on success the file written there
     gets the umask's mode and is renamed to ``path``; on failure it is removed. No half-written file
     is ever left under the final name. The temporary name keeps the extension (``.nii.gz``,
@@ -157,7 +157,11 @@ def check_output_dir(output_dir: str, overwrite: bool = True, overwrite_option: 
     if not os.access(parent, os.W_OK | os.X_OK) or (existing == path and not os.access(path, os.W_OK | os.X_OK)):
         raise PermissionError(f"output folder {output_dir}: {parent if existing != path else path} is not writable")
     if not overwrite and existing == path and _visible_entries(path):
-        how = f", or pass {overwrite_option} to replace its content once the new results are complete" if overwrite_option else ""
+        how = (
+            f", or pass {overwrite_option} to replace its content once the new results are complete"
+            if overwrite_option
+            else ""
+        )
         raise FileExistsError(f"output folder {output_dir} already exists and is not empty: choose another folder{how}")
     return output_dir
 
@@ -202,7 +206,7 @@ def publish_dir(staging: str, output_dir: str, overwrite: bool = False) -> str:
     return output_dir
 
 
-class staged_dir:
+class staged_dir:  # noqa: N801 (used like a function: with staged_dir(d) as tmp)
     """Context manager: a staging folder (``staging_path``) to write a whole folder of results into,
     published to ``path`` (``publish_dir``) on success and removed on failure.
 

@@ -95,7 +95,9 @@ class RegistrationResults:
         manifest: settings to record (checkpoint path under ``"checkpoint"``, network settings, ...).
     """
 
-    def __init__(self, staging_dir: str, output_dir: str, overwrite: bool = False, manifest: dict | None = None) -> None:
+    def __init__(
+        self, staging_dir: str, output_dir: str, overwrite: bool = False, manifest: dict | None = None
+    ) -> None:
         self.staging_dir, self.output_dir, self.overwrite = staging_dir, output_dir, bool(overwrite)
         self.manifest = dict(manifest or {})
         self._timings: list[tuple[str, str, float]] = []
@@ -112,7 +114,7 @@ class RegistrationResults:
         os.makedirs(self.staging_dir, exist_ok=True)
 
     def _collect(self, engine: Engine) -> None:
-        for item, out in zip(engine.state.batch, engine.state.output):
+        for item, out in zip(engine.state.batch, engine.state.output, strict=True):
             f_id, m_id = str(item["fixed_id"]), str(item["moving_id"])
             self._timings.append((f_id, m_id, float(out["seconds"])))
             files = {k: str(item[k].meta.get("filename_or_obj", "")) for k in ("fixed_image", "moving_image")}
@@ -151,7 +153,11 @@ def write_manifest(folder: str, settings: dict, pairs: list[dict]) -> str:
     content = {
         "written_by": f"spatial-gradient registration bundle {_bundle_version()}",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "checkpoint": {"path": str(checkpoint), "sha256": sha256_of(checkpoint)} if checkpoint and os.path.isfile(checkpoint) else None,
+        "checkpoint": (
+            {"path": str(checkpoint), "sha256": sha256_of(checkpoint)}
+            if checkpoint and os.path.isfile(checkpoint)
+            else None
+        ),
         "settings": {k: v for k, v in settings.items() if k != "checkpoint"},
         "pairs": pairs,
         "files": {name: sha256_of(os.path.join(folder, name)) for name in sorted(os.listdir(folder))},

@@ -120,7 +120,7 @@ class LowMemoryRegistrationInferer(RegistrationInferer):
         x = x.to(torch.bfloat16) if self.dtype_for(x.device) == torch.bfloat16 else x
         c, v = net.in_channels, self.slab_voxels
         diffs = _encode(net, x[:, :c], v)
-        for d, f in zip(diffs, _encode(net, x[:, c:], v)):
+        for d, f in zip(diffs, _encode(net, x[:, c:], v), strict=True):
             d.sub_(f)
         y = diffs.pop()
         for block in net.decoder.up:
@@ -176,12 +176,14 @@ def _conv_slabs(conv: nn.Module, inputs: Sequence[torch.Tensor], slab_voxels: in
         if conv.kernel_size != conv.stride or conv.padding != (0, 0, 0) or conv.output_padding != (0, 0, 0):
             raise NotImplementedError(f"slab-wise evaluation does not support {conv}")
         n_out = n_in * s
-        plane = [n * st for n, st in zip(first.shape[3:], conv.stride[1:])]
+        plane = [n * st for n, st in zip(first.shape[3:], conv.stride[1:], strict=True)]
     else:
         n_out = (n_in + 2 * p - k) // s + 1
         plane = [
             (n + 2 * pp - kk) // st + 1
-            for n, pp, kk, st in zip(first.shape[3:], conv.padding[1:], conv.kernel_size[1:], conv.stride[1:])
+            for n, pp, kk, st in zip(
+                first.shape[3:], conv.padding[1:], conv.kernel_size[1:], conv.stride[1:], strict=True
+            )
         ]
     out = first.new_empty((first.shape[0], conv.out_channels, n_out, *plane))
     step = max(1, slab_voxels // (plane[0] * plane[1]))

@@ -62,7 +62,9 @@ def disp_name(fixed_id: str, moving_id: str, style: str = "long") -> str:
     ``MDL-UzL/L2R/evaluation/evaluation.py`` (commit e7eccac) requires for same-modality pairs."""
     if style not in ("long", "short"):
         raise ValueError(f"disp name style must be 'long' or 'short', got {style!r}")
-    return f"disp_{fixed_id}_{moving_id}.nii.gz" if style == "short" else f"disp_{fixed_id}_0000_{moving_id}_0000.nii.gz"
+    return (
+        f"disp_{fixed_id}_{moving_id}.nii.gz" if style == "short" else f"disp_{fixed_id}_0000_{moving_id}_0000.nii.gz"
+    )
 
 
 class OutputName:
@@ -88,7 +90,10 @@ class OutputName:
         return f"{key}_{fixed_id}_{moving_id}"
 
     def __call__(self, metadict: dict, saver=None) -> dict:
-        return {"subject": self.name(metadict["key"], str(metadict["fixed_id"]), str(metadict["moving_id"])), "idx": None}
+        return {
+            "subject": self.name(metadict["key"], str(metadict["fixed_id"]), str(metadict["moving_id"])),
+            "idx": None,
+        }
 
 
 def check_output_names(pairs: list[dict], style: str = "long", fixed_to_moving: bool = False) -> list[dict]:
@@ -266,7 +271,7 @@ def pairs(dataset_dir: str, selection: str = "registration_val", num_val: int = 
             if selection == "registration_test":
                 raise DatasetError(f"{path}: an MSD dataset has no registration_test pairs; give a pair list file")
             val = [c["image"] for c in _msd_val_cases(cases, num_val, path)]
-            return [_pair(f, m) for f, m in zip(val, val[::-1]) if f != m]
+            return [_pair(f, m) for f, m in zip(val, val[::-1], strict=True) if f != m]
         entries, source = index.get(selection), path
     else:
         entries, source = _read_pair_file(selection), selection

@@ -54,7 +54,9 @@ class LocalNCCLoss(nn.Module):
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if pred.shape != target.shape or pred.ndim != 5:
-            raise ValueError(f"pred and target must both be (B, C, H, W, D), got {tuple(pred.shape)} and {tuple(target.shape)}")
+            raise ValueError(
+                f"pred and target must both be (B, C, H, W, D), got {tuple(pred.shape)} and {tuple(target.shape)}"
+            )
         p, t = pred.float(), target.float()
         mp, mt = self._mean(p), self._mean(t)
         cross = self._mean(p * t) - mp * mt
@@ -144,7 +146,8 @@ class SymmetricRegistrationLoss(nn.Module):
 
 
 class PartialLabelDiceLoss(nn.Module):
-    """Soft Dice loss of a segmentation network trained on partially-labelled cohorts (docs/ct.md): each sample's Dice counts only the organs its cohort annotates.
+    """Soft Dice loss of a segmentation network trained on partially-labelled cohorts (docs/ct.md):
+    each sample's Dice counts only the organs its cohort annotates.
 
     Per sample and organ, MONAI's ``DiceLoss`` (softmax over the classes, one-hot target); the loss
     is the mean over the (sample, organ) pairs whose ``mask`` is 1. Background is never counted
@@ -160,7 +163,12 @@ class PartialLabelDiceLoss(nn.Module):
     def __init__(self, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, softmax: bool = True) -> None:
         super().__init__()
         self.dice = DiceLoss(
-            include_background=True, to_onehot_y=True, softmax=softmax, reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr
+            include_background=True,
+            to_onehot_y=True,
+            softmax=softmax,
+            reduction="none",
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
         )
 
     def forward(self, logits: torch.Tensor, target, mask: torch.Tensor | None = None) -> torch.Tensor:

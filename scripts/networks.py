@@ -45,7 +45,7 @@ class SiameseEncoder(nn.Module):
         self.in_conv1 = _conv(in_channels, channels[0], act, None)
         self.in_conv2 = _conv(channels[0], channels[0], act, None)
         self.down = nn.ModuleList()
-        for c_in, c_out, n in zip(channels[:-1], channels[1:], convs):
+        for c_in, c_out, n in zip(channels[:-1], channels[1:], convs, strict=True):
             layers = [_conv(c_in, c_out, act, norm, strides=2, kernel_size=2, padding=0)]
             layers += [_conv(c_out, c_out, act, norm) for _ in range(n)]
             self.down.append(nn.Sequential(*layers))
@@ -90,7 +90,8 @@ class GradientDecoder(nn.Module):
             raise ValueError(f"decoder convs needs one entry per up level: {len(channels) - 1}, got {len(convs)}")
         rev = list(channels[::-1])
         self.up = nn.ModuleList(
-            _UpBlock(c_in, c_out, c_out, n, act, norm, residual) for c_in, c_out, n in zip(rev[:-1], rev[1:], convs)
+            _UpBlock(c_in, c_out, c_out, n, act, norm, residual)
+            for c_in, c_out, n in zip(rev[:-1], rev[1:], convs, strict=True)
         )
 
     def forward(self, merged: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -108,7 +108,7 @@ def _overlaps(grid, image, transform) -> bool:
 
 def _no_overlap(image: str, reference: str, align: str) -> DatasetError:
     return DatasetError(
-        f"{image}: does not overlap the reference scan {reference} after alignment '{align}' (scanner coordinates "
+        f"{image}: does not overlap the reference scan {reference} after alignment {align!r} (scanner coordinates "
         "of different patients rarely do): use --align translation, affine or center"
     )
 
@@ -202,7 +202,7 @@ def prepare_cohorts(
         def write(rel: str, writer) -> None:  # a failure names out_dir/rel, not the staging folder
             ct_pair.write_output(tmp, out_dir, rel, writer)
 
-        for (cohort, cases), spec in zip(plan, raw):
+        for cohort, cases in plan:
             name = cohort["name"]
             entries, found = [], set()
             for c in cases:
@@ -248,7 +248,7 @@ def prepare_cohorts(
         declared = [
             {"name": str(spec["name"]), "data": f"{cohort['name']}/dataset.json",
              **{k: spec[k] for k in ("labels", "annotated") if k in spec}}
-            for (cohort, _), spec in zip(plan, raw)
+            for (cohort, _), spec in zip(plan, raw, strict=True)
         ]  # fmt: skip
         write("cohorts.json", partial(ct_pair.write_json, declared))
     return summary
@@ -262,12 +262,18 @@ def main(argv=None) -> int:
     parser.add_argument("--align", default="translation", choices=ALIGN_KINDS,
                         help="transform of each scan onto the reference (default translation, as the authors' code)")  # fmt: skip
     parser.add_argument("--spacing", type=float, default=2.0, help="mm, isotropic (default 2)")
-    parser.add_argument("--size", type=int, nargs=3, help="grid size in voxels, multiples of 16 (default: the reference's extent)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out_dir once the new one is complete")
+    parser.add_argument(
+        "--size", type=int, nargs=3, help="grid size in voxels, multiples of 16 (default: the reference's extent)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --out_dir once the new one is complete"
+    )
     args = parser.parse_args(argv)
     start = time.time()
     try:
-        summary = prepare_cohorts(args.cohorts, args.reference, args.out_dir, args.align, args.spacing, args.size, args.overwrite)
+        summary = prepare_cohorts(
+            args.cohorts, args.reference, args.out_dir, args.align, args.spacing, args.size, args.overwrite
+        )
     except (ValueError, OSError) as e:  # DatasetError, CohortError; FileExistsError, PermissionError, a failed write
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -40,8 +40,18 @@ from scripts.weights import WeightsError, read_large_files
 __all__ = ["DATE_TIME", "INCLUDE", "REQUIRED", "ReleaseError", "build", "bundle_id", "release_files"]
 
 # Top-level files and folders of the bundle that a release carries (see the module docstring).
-INCLUDE = ("LICENSE", "README.md", "requirements.txt", "constraints.txt", "apps", "configs", "docs", "models",
-           "sample_data", "scripts")
+INCLUDE = (
+    "LICENSE",
+    "README.md",
+    "requirements.txt",
+    "constraints.txt",
+    "apps",
+    "configs",
+    "docs",
+    "models",
+    "sample_data",
+    "scripts",
+)
 # What the Model Zoo's CI requires (LICENSE, metadata.json) or prefers (the inference config, the weights).
 REQUIRED = ("LICENSE", "configs/metadata.json", "configs/inference.json", "models/model.pt")
 DATE_TIME = (2022, 5, 30, 0, 0, 0)

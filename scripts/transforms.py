@@ -10,9 +10,7 @@ from monai.transforms import MapTransform
 
 from scripts.learn2reg import HU_MAX_MINIMUM, check_hounsfield
 
-
 __all__ = ["CheckDivisibled", "CheckHounsfieldd", "CheckImageLabeld", "ToImageGridd", "pad_offsets"]
-
 
 
 def _name(x) -> str:
@@ -130,7 +128,9 @@ def pad_offsets(image) -> tuple[np.ndarray, tuple[int, ...]]:
     for op in ops:
         padded = (op.get("extra_info") or {}).get("padded")
         if op.get("class") not in _PADS or padded is None:
-            raise ValueError(f"{_name(image)}: {op.get('class')} cannot be undone by cropping; only padding is supported here")
+            raise ValueError(
+                f"{_name(image)}: {op.get('class')} cannot be undone by cropping; only padding is supported here"
+            )
         offset += np.array([before for before, _ in padded[1:]], dtype=int)
     shape = tuple(int(s) for s in ops[0]["orig_size"]) if ops else tuple(image.shape[1:])
     return offset, shape
@@ -166,7 +166,7 @@ class ToImageGridd(MapTransform):
         ref = d[self.grid_key]
         offset, shape = pad_offsets(ref)
         shift = torch.as_tensor(offset - pad_offsets(d[self.other_key])[0], dtype=torch.float32)
-        crop = (slice(None),) + tuple(slice(o, o + s) for o, s in zip(offset, shape))
+        crop = (slice(None),) + tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
         affine = torch.as_tensor(ref.affine, dtype=torch.float64).clone()
         affine[:3, 3] = affine[:3, :3] @ torch.as_tensor(offset, dtype=torch.float64) + affine[:3, 3]
         for key in self.key_iterator(d):

@@ -45,7 +45,7 @@ def pair_figure(moving, fixed, warped, ddf, fixed_label=None, warped_label=None,
     in_plane = [c for c in range(3) if c != axis]
     panels = [("moving", moving), ("fixed", fixed), ("warped moving", warped)]
     fig, axes = plt.subplots(1, 5, figsize=(15, 3.4))
-    for ax, (name, img) in zip(axes, panels):
+    for ax, (name, img) in zip(axes, panels, strict=False):
         ax.imshow(sl(img), cmap="gray", origin="upper")
         ax.set_title(name)
     axes[3].imshow(sl(fixed), cmap="gray", origin="upper", alpha=0.4)
@@ -55,7 +55,7 @@ def pair_figure(moving, fixed, warped, ddf, fixed_label=None, warped_label=None,
     if fixed_label is not None and warped_label is not None:
         labels = [v for v in np.unique(fixed_label) if v != 0]
         colors = plt.cm.tab10(np.arange(len(labels)) % 10)
-        for v, c in zip(labels, colors):
+        for v, c in zip(labels, colors, strict=True):
             if (sl(fixed_label) == v).any():
                 axes[4].contour(sl(fixed_label) == v, levels=[0.5], colors=[c], linewidths=1.0)
             if (sl(warped_label) == v).any():
@@ -91,8 +91,12 @@ class SavePairFigured:
             labels = {"fixed_label": arr("label").argmax(0), "warped_label": arr("warped_label")[0]}
         f_id, m_id = data["fixed_id"], data["moving_id"]
         fig = pair_figure(
-            arr("moving_image")[0], arr("fixed_image")[0], arr("warped_image")[0], arr("ddf"),
-            title=f"fixed {f_id}, moving {m_id}", **labels,
+            arr("moving_image")[0],
+            arr("fixed_image")[0],
+            arr("warped_image")[0],
+            arr("ddf"),
+            title=f"fixed {f_id}, moving {m_id}",
+            **labels,
         )
         os.makedirs(self.output_dir, exist_ok=True)
         fig.savefig(os.path.join(self.output_dir, f"figure_{f_id}_{m_id}.png"), dpi=self.dpi)

@@ -117,7 +117,10 @@ class RegistrationEvalStep:
         with torch.no_grad(), torch.autocast(device_type=torch.device(engine.state.device).type, enabled=engine.amp):
             ddf = engine.inferer(image, engine.network).float()
         if not torch.isfinite(ddf).all():
-            pairs = ", ".join(f"fixed {f} / moving {m}" for f, m in zip(batchdata.get("fixed_id", "?"), batchdata.get("moving_id", "?")))
+            pairs = ", ".join(
+                f"fixed {f} / moving {m}"
+                for f, m in zip(batchdata.get("fixed_id", "?"), batchdata.get("moving_id", "?"), strict=False)
+            )
             raise FloatingPointError(
                 f"the network predicted a {what} displacement with NaN or infinite values for {pairs}: the weights are "
                 "corrupt or diverged (check the checkpoint); nothing was written for these pairs"

@@ -19,8 +19,9 @@ from tests.test_tooling import ok, run
 def net(seed: int, **kw) -> SpatialGradientRegNet:
     """A small network with random (non-zero) weights."""
     torch.manual_seed(seed)
-    n = SpatialGradientRegNet(**{"channels": (4, 8), "encoder_convs": (1,), "decoder_convs": (1,),
-                                 "deep_supervision": False, **kw})
+    n = SpatialGradientRegNet(
+        **{"channels": (4, 8), "encoder_convs": (1,), "decoder_convs": (1,), "deep_supervision": False, **kw}
+    )
     with torch.no_grad():
         for p in n.parameters():
             p.normal_()
@@ -73,8 +74,10 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, capsys):
         ([a, "--out", str(out)], "averaging needs at least two checkpoints"),
         ([a, str(tmp_path / "random.pt"), "--out", str(out)], f"{tmp_path / 'random.pt'}: not a PyTorch checkpoint"),
         ([a, str(tmp_path / "missing.pt"), "--out", str(out)], f"{tmp_path / 'missing.pt'}: checkpoint not found"),
-        ([str(tmp_path / "step1.pt"), str(tmp_path / "step2.pt"), "--out", str(out)],
-         f"{tmp_path / 'step2.pt'}: its non-float tensor step differs"),
+        (
+            [str(tmp_path / "step1.pt"), str(tmp_path / "step2.pt"), "--out", str(out)],
+            f"{tmp_path / 'step2.pt'}: its non-float tensor step differs",
+        ),
         ([a, b, "--out", str(tmp_path)], f"--out {tmp_path} is a folder"),
         ([a, b, "--out", str(tmp_path / "file" / "avg.pt")], f"output folder {tmp_path / 'file'} is a file"),
     ]
@@ -87,4 +90,3 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, capsys):
     # Non-float tensors that agree are kept as they are.
     assert main([str(tmp_path / "step1.pt"), str(tmp_path / "step1.pt"), "--out", str(out)]) == 0
     assert torch.equal(torch.load(out, weights_only=True)["step"], torch.tensor([1]))
-

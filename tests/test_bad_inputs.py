@@ -30,6 +30,7 @@ MOVING = "HippocampusMR_0394_0000.nii.gz"  # ... and its moving image
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the real commands
 
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A state dict of the inference config's own network (random weights): models/model.pt may not exist."""
@@ -43,8 +44,21 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 def infer(dataset_dir: Path, output_dir: Path, ckpt: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-           "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir), "--ckpt_path", str(ckpt), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--dataset_dir",
+        str(dataset_dir),
+        "--output_dir",
+        str(output_dir),
+        "--ckpt_path",
+        str(ckpt),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
@@ -55,11 +69,17 @@ def infer_here(dataset_dir: Path, output_dir: Path, ckpt: Path, args: list[str])
     the seconds a new process spends importing MONAI. Returns the error's message chain, or None."""
     from monai.bundle import run
 
-    overrides = {k[2:]: v for k, v in zip(args[::2], args[1::2])}
+    overrides = {k[2:]: v for k, v in zip(args[::2], args[1::2], strict=True)}
     try:
-        run(config_file=str(ROOT / "configs" / "inference.json"), logging_file=str(ROOT / "configs" / "logging.conf"),
-            bundle_root=str(ROOT), dataset_dir=str(dataset_dir), output_dir=str(output_dir), ckpt_path=str(ckpt),
-            **overrides)
+        run(
+            config_file=str(ROOT / "configs" / "inference.json"),
+            logging_file=str(ROOT / "configs" / "logging.conf"),
+            bundle_root=str(ROOT),
+            dataset_dir=str(dataset_dir),
+            output_dir=str(output_dir),
+            ckpt_path=str(ckpt),
+            **overrides,
+        )
     except Exception as e:
         messages = []
         while e is not None:
@@ -71,8 +91,11 @@ def infer_here(dataset_dir: Path, output_dir: Path, ckpt: Path, args: list[str])
 
 def digest(folder: Path) -> dict[str, str]:
     """sha256 of every file below ``folder`` (which files exist, and their bytes)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def edit(path: Path, fn, dtype=None) -> None:
@@ -89,10 +112,12 @@ def _shift(a, aff):
 
 def _with(value, dtype=np.float32):
     """One voxel set to ``value``, the array stored as ``dtype``."""
+
     def fn(a, aff):
         a = a.astype(dtype)
         a[32, 32, 32] = value
         return a, aff
+
     return fn
 
 
@@ -109,39 +134,49 @@ def _pair_file(data: Path, name: str, text: str) -> list[str]:
 
 # name: (break the copy, returning extra CLI args or None; names the message must contain, problem words)
 REFUSED = {
-    "label_affine_shifted": (
-        lambda d: edit(d / "labelsTr" / FIXED, _shift),
-        [f"labelsTr/{FIXED}"], ["affine"]),
+    "label_affine_shifted": (lambda d: edit(d / "labelsTr" / FIXED, _shift), [f"labelsTr/{FIXED}"], ["affine"]),
     "fixed_moving_different_grids": (
         _crop_moving,
-        [f"imagesTr/{FIXED}", f"imagesTr/{MOVING}", "(64, 64, 64)", "(60, 64, 64)"], ["voxel grid"]),
-    "label_value_half": (
-        lambda d: edit(d / "labelsTr" / FIXED, _with(0.5)),
-        [f"labelsTr/{FIXED}"], ["non-integer"]),
+        [f"imagesTr/{FIXED}", f"imagesTr/{MOVING}", "(64, 64, 64)", "(60, 64, 64)"],
+        ["voxel grid"],
+    ),
+    "label_value_half": (lambda d: edit(d / "labelsTr" / FIXED, _with(0.5)), [f"labelsTr/{FIXED}"], ["non-integer"]),
     "label_value_7": (
         lambda d: edit(d / "labelsTr" / FIXED, _with(7, np.uint8)),
-        [f"labelsTr/{FIXED}"], ["[7]", "outside 0..2"]),
-    "nan_voxel": (
-        lambda d: edit(d / "imagesTr" / FIXED, _with(np.nan)),
-        [f"imagesTr/{FIXED}"], ["NaN"]),
-    "inf_voxel": (
-        lambda d: edit(d / "imagesTr" / FIXED, _with(np.inf)),
-        [f"imagesTr/{FIXED}"], ["infinite"]),
+        [f"labelsTr/{FIXED}"],
+        ["[7]", "outside 0..2"],
+    ),
+    "nan_voxel": (lambda d: edit(d / "imagesTr" / FIXED, _with(np.nan)), [f"imagesTr/{FIXED}"], ["NaN"]),
+    "inf_voxel": (lambda d: edit(d / "imagesTr" / FIXED, _with(np.inf)), [f"imagesTr/{FIXED}"], ["infinite"]),
     "constant_image": (
         lambda d: edit(d / "imagesTr" / FIXED, lambda a, aff: (np.full_like(a, 100), aff)),
-        [f"imagesTr/{FIXED}"], ["constant"]),
+        [f"imagesTr/{FIXED}"],
+        ["constant"],
+    ),
     "2d_image": (
         lambda d: edit(d / "imagesTr" / FIXED, lambda a, aff: (a[:, :, 32], aff)),
-        [f"imagesTr/{FIXED}"], ["expected a 3-D image", "(64, 64)"]),
+        [f"imagesTr/{FIXED}"],
+        ["expected a 3-D image", "(64, 64)"],
+    ),
     "4d_image": (
         lambda d: edit(d / "imagesTr" / FIXED, lambda a, aff: (np.stack([a, a], -1), aff)),
-        [f"imagesTr/{FIXED}"], ["expected a 3-D image", "(64, 64, 64, 2)"]),
+        [f"imagesTr/{FIXED}"],
+        ["expected a 3-D image", "(64, 64, 64, 2)"],
+    ),
     "pair_list_json_object": (
-        lambda d: _pair_file(d, "pairs.json", json.dumps({"fixed": f"./imagesTr/{FIXED}", "moving": f"./imagesTr/{MOVING}"})),
-        ["pairs.json"], ["must be a list"]),
+        lambda d: _pair_file(
+            d, "pairs.json", json.dumps({"fixed": f"./imagesTr/{FIXED}", "moving": f"./imagesTr/{MOVING}"})
+        ),
+        ["pairs.json"],
+        ["must be a list"],
+    ),
     "pair_list_csv_missing_moving": (
-        lambda d: _pair_file(d, "pairs.csv", f"fixed,moving\n./imagesTr/{FIXED},./imagesTr/{MOVING}\n./imagesTr/{MOVING}\n"),
-        ["pairs.csv"], ["pair 2 needs a 'fixed' and a 'moving' path"]),
+        lambda d: _pair_file(
+            d, "pairs.csv", f"fixed,moving\n./imagesTr/{FIXED},./imagesTr/{MOVING}\n./imagesTr/{MOVING}\n"
+        ),
+        ["pairs.csv"],
+        ["pair 2 needs a 'fixed' and a 'moving' path"],
+    ),
 }
 
 
@@ -195,7 +230,9 @@ def _outputs_are_sane(out: Path, pairs: list[tuple[str, str]], shapes=None) -> N
 SAMPLE_PAIRS = [("0367", "0394"), ("0375", "0385"), ("0385", "0375"), ("0394", "0367")]
 USABLE = {
     # per-image normalisation: intensities up to 1e7 are fine
-    "intensities_up_to_1e7": lambda d: edit(d / "imagesTr" / FIXED, lambda a, aff: (a * (1e7 / a.max()), aff), np.float32),
+    "intensities_up_to_1e7": lambda d: edit(
+        d / "imagesTr" / FIXED, lambda a, aff: (a * (1e7 / a.max()), aff), np.float32
+    ),
     # label maps stored as float32 holding 0.0 / 1.0 / 2.0
     "float_labels": lambda d: edit(d / "labelsTr" / FIXED, lambda a, aff: (a, aff), np.float32),
 }
@@ -270,7 +307,9 @@ def test_colliding_output_names_are_refused_naming_both_images(tmp_path, ckpt):
     shutil.copy(data / "imagesTr" / MOVING, other / FIXED)  # another image with the case number 0367
     before = digest(tmp_path)
     out = tmp_path / "out"
-    args = _one_pair(data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}"), (f"./other/imagesTr/{FIXED}", f"./imagesTr/{MOVING}")])
+    args = _one_pair(
+        data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}"), (f"./other/imagesTr/{FIXED}", f"./imagesTr/{MOVING}")]
+    )
     proc = infer(data, out, ckpt, *args)
     assert proc.returncode != 0
     assert f"imagesTr/{FIXED}" in proc.stderr and f"other/imagesTr/{FIXED}" in proc.stderr, proc.stderr[-3000:]
@@ -297,9 +336,27 @@ def test_non_empty_output_folder_is_replaced_only_with_overwrite_and_only_whole(
     assert "--overwrite True" in proc.stderr and "Restored" not in proc.stdout + proc.stderr
     assert digest(out) == first
     # with --overwrite True, a run killed midway leaves the first run whole ...
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir", str(data),
-           "--output_dir", str(out), "--ckpt_path", str(ckpt), "--overwrite", "True", "--figures", "False"]
-    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--ckpt_path",
+        str(ckpt),
+        "--overwrite",
+        "True",
+        "--figures",
+        "False",
+    ]
+    run = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     staged = []
     for _ in range(1200):  # wait until it has written into its staging folder, then kill it
         staged = [p for p in tmp_path.glob(".tmp-*") if any(p.glob("disp_*"))]
@@ -322,8 +379,20 @@ def test_evaluation_refuses_a_folder_mixing_two_runs(tmp_path, ckpt):
     rows = [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}"), (f"./imagesTr/{MOVING}", f"./imagesTr/{FIXED}")]
     args = _one_pair(data, rows)
     assert infer(data, out, ckpt, *args).returncode == 0
-    evaluate = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/evaluate.json",
-                "--dataset_dir", str(data), "--disp_dir", str(out), "--pairs_selection", args[1]]
+    evaluate = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/evaluate.json",
+        "--dataset_dir",
+        str(data),
+        "--disp_dir",
+        str(out),
+        "--pairs_selection",
+        args[1],
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     a, b = out / "disp_0367_0000_0394_0000.nii.gz", out / "disp_0394_0000_0367_0000.nii.gz"
     shutil.copy(b, a)  # a field that run did not write for this pair
@@ -346,7 +415,9 @@ def test_non_finite_fields(tmp_path, ckpt):
     rows = [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}"), (f"./imagesTr/{MOVING}", f"./imagesTr/{FIXED}")]
     args = _one_pair(data, rows)
     proc = infer(data, out, nan_ckpt, *args)
-    assert proc.returncode != 0 and "NaN or infinite values for fixed 0367 / moving 0394" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode != 0 and "NaN or infinite values for fixed 0367 / moving 0394" in proc.stderr, proc.stderr[
+        -3000:
+    ]
     assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
 
     # fields as another tool would write them (no manifest): zero, one with a NaN voxel
@@ -357,8 +428,20 @@ def test_non_finite_fields(tmp_path, ckpt):
         field[10, 10, 10, 0] = np.nan if f == "0367" else 0.0
         nib.save(nib.Nifti1Image(field, affine), out / f"disp_{f}_0000_{m}_0000.nii.gz")
     bad = out / "disp_0367_0000_0394_0000.nii.gz"
-    evaluate = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/evaluate.json",
-                "--dataset_dir", str(data), "--disp_dir", str(out), "--pairs_selection", args[1]]
+    evaluate = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/evaluate.json",
+        "--dataset_dir",
+        str(data),
+        "--disp_dir",
+        str(out),
+        "--pairs_selection",
+        args[1],
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(evaluate, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -375,21 +458,29 @@ def test_non_finite_fields(tmp_path, ckpt):
 def test_boolean_options_mean_what_they_say(tmp_path, ckpt, value, figures):
     data = _copy(tmp_path)
     out = tmp_path / "out"
-    args = [a for a in _one_pair(data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}")]) if a not in ("--figures", "False")]
+    args = [
+        a for a in _one_pair(data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}")]) if a not in ("--figures", "False")
+    ]
     proc = infer(data, out, ckpt, *args, "--figures", value)
     if figures is None:
-        assert proc.returncode != 0 and "--figures: expected True or False (also true/false/1/0), got 'maybe'" in proc.stderr
+        assert (
+            proc.returncode != 0
+            and "--figures: expected True or False (also true/false/1/0), got 'maybe'" in proc.stderr
+        )
         assert not out.exists()
         return
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert bool(list(out.glob("figure_*.png"))) == figures
 
 
-@pytest.mark.parametrize("option, message", [
-    ("--ouput_dir", "--ouput_dir: unknown key for configs/inference.json; did you mean --output_dir?"),
-    ("--datset_dir", "--datset_dir: unknown key for configs/inference.json; did you mean --dataset_dir?"),
-    ("--write_inverse", "--write_inverse was renamed: use --write_fixed_to_moving"),
-])
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("--ouput_dir", "--ouput_dir: unknown key for configs/inference.json; did you mean --output_dir?"),
+        ("--datset_dir", "--datset_dir: unknown key for configs/inference.json; did you mean --dataset_dir?"),
+        ("--write_inverse", "--write_inverse was renamed: use --write_fixed_to_moving"),
+    ],
+)
 def test_misspelled_or_renamed_options_are_refused(tmp_path, ckpt, option, message):
     data = _copy(tmp_path)
     out = tmp_path / "out"
@@ -413,14 +504,21 @@ def test_learn2reg_pairs_of_other_sizes_get_fields_on_their_own_grid(tmp_path, c
     proc = infer(data, out, ckpt, *_one_pair(data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}")]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     _outputs_are_sane(out, [("0367", "0394")], {"0367": (size,) * 3})
-    assert np.allclose(nib.load(out / "disp_0367_0000_0394_0000.nii.gz").affine, nib.load(data / "imagesTr" / FIXED).affine)
+    assert np.allclose(
+        nib.load(out / "disp_0367_0000_0394_0000.nii.gz").affine, nib.load(data / "imagesTr" / FIXED).affine
+    )
 
 
 def test_pairs_larger_than_max_voxels_are_refused_naming_the_shape(tmp_path, ckpt):
     data = _copy(tmp_path)
     out = tmp_path / "out"
-    proc = infer(data, out, ckpt, *_one_pair(data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}")]), "--max_voxels", "100000")
-    assert proc.returncode != 0 and f"imagesTr/{FIXED} is 64x64x64 voxels after padding, more than max_voxels=100000" in proc.stderr
+    proc = infer(
+        data, out, ckpt, *_one_pair(data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}")]), "--max_voxels", "100000"
+    )
+    assert (
+        proc.returncode != 0
+        and f"imagesTr/{FIXED} is 64x64x64 voxels after padding, more than max_voxels=100000" in proc.stderr
+    )
     assert not out.exists()
 
 
@@ -435,8 +533,11 @@ def test_csv_pair_list_with_a_byte_order_mark(tmp_path, ckpt):
 def test_outputs_get_normal_permissions(tmp_path, ckpt):
     data = _copy(tmp_path)
     out = tmp_path / "out"
-    cmd = (f"umask 022 && {sys.executable} -m monai.bundle run --config_file configs/inference.json --dataset_dir {data} "
-           f"--output_dir {out} --ckpt_path {ckpt} " + " ".join(_one_pair(data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}")])))
+    cmd = (
+        f"umask 022 && {sys.executable} -m monai.bundle run --config_file configs/inference.json --dataset_dir {data} "
+        f"--output_dir {out} --ckpt_path {ckpt} "
+        + " ".join(_one_pair(data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}")]))
+    )
     proc = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert stat.S_IMODE(out.stat().st_mode) == 0o755

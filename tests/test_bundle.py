@@ -15,10 +15,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import HIPPO
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
-from conftest import HIPPO
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data" / "HippocampusMR"
@@ -30,6 +30,7 @@ TINY = ["--channels", "[4, 8, 16, 32, 64]"]  # a tiny width keeps training runs 
 
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the real commands
+
 
 def bundle(*args: str, configs=("train",), cwd=ROOT, timeout=600, env=None) -> subprocess.CompletedProcess:
     files = [f"configs/{c}.json" for c in configs]
@@ -50,16 +51,40 @@ def load(name: str) -> dict:
 
 def test_train_and_inference_configs_share_network_and_preprocessing():
     train, infer = load("train"), load("inference")
-    for key in ("network_def", "preprocessing", "spatial_size", "in_channels", "num_labels", "channels",
-                "deep_supervision", "activation", "decoder_residual", "device"):
+    for key in (
+        "network_def",
+        "preprocessing",
+        "spatial_size",
+        "in_channels",
+        "num_labels",
+        "channels",
+        "deep_supervision",
+        "activation",
+        "decoder_residual",
+        "device",
+    ):
         assert train[key] == infer[key], f"configs/train.json and configs/inference.json disagree on {key}"
 
 
 def test_metadata_matches_configs():
     meta, infer = load("metadata"), load("inference")
-    for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version",
-                "required_packages_version", "task", "description", "authors", "copyright", "name",
-                "intended_use", "data_source", "network_data_format", "references"):
+    for key in (
+        "version",
+        "changelog",
+        "monai_version",
+        "pytorch_version",
+        "numpy_version",
+        "required_packages_version",
+        "task",
+        "description",
+        "authors",
+        "copyright",
+        "name",
+        "intended_use",
+        "data_source",
+        "network_data_format",
+        "references",
+    ):
         assert key in meta, key
     fmt = meta["network_data_format"]
     assert fmt["inputs"]["image"]["num_channels"] == 2 * infer["in_channels"]
@@ -87,15 +112,17 @@ def test_requirements_metadata_and_tested_versions_agree():
     meta = load("metadata")
     reqs = _requirements("requirements.txt")
     tested = {name: next(iter(r.specifier)).version for name, r in _requirements("constraints.txt").items()}
-    assert all(len(r.specifier) == 1 and next(iter(r.specifier)).operator == "=="
-               for r in _requirements("constraints.txt").values()), "constraints.txt: exact versions (==) only"
+    assert all(
+        len(r.specifier) == 1 and next(iter(r.specifier)).operator == "=="
+        for r in _requirements("constraints.txt").values()
+    ), "constraints.txt: exact versions (==) only"
     for key, package in (("monai_version", "monai"), ("pytorch_version", "torch"), ("numpy_version", "numpy")):
         assert tested[package] == meta[key], f"metadata.json {key} {meta[key]} != constraints.txt {tested[package]}"
     for name, req in reqs.items():
         assert name in tested, f"constraints.txt: no tested version of {name}"
-        assert req.specifier.contains(tested[name], prereleases=True), (
-            f"constraints.txt: {name}=={tested[name]} is outside requirements.txt {name}{req.specifier}"
-        )
+        assert req.specifier.contains(
+            tested[name], prereleases=True
+        ), f"constraints.txt: {name}=={tested[name]} is outside requirements.txt {name}{req.specifier}"
     listed = meta["required_packages_version"]
     for name, spec in listed.items():  # the Model Zoo's CI reads a bare version as ==, an operator as a range
         assert spec.strip()[:1] in tuple("<>=!~"), f"metadata.json required_packages_version {name}: {spec!r}"
@@ -136,20 +163,21 @@ def test_metadata_eval_metrics_are_the_documented_results_of_the_shipped_weights
     header, table = lines[start], list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
     row = next(line for line in table if "shipped `models/model.pt`" in line)
     columns = [c.strip() for c in header.strip("|").split("|")]
-    cells = dict(zip(columns, (c.strip(" *") for c in row.strip("|").split("|"))))
-    documented = {"val_mean_dice": "Dice", "val_dice30": "Dice30", "val_hd95_voxels": "HD95 (voxels)",
-                  "val_sdlogj": "SDlogJ (official)"}
-    assert load("metadata")["eval_metrics"] == {key: float(cells[column]) for key, column in documented.items()}, (
-        "configs/metadata.json eval_metrics differ from the shipped weights' row of docs/README.md Results"
-    )
+    cells = dict(zip(columns, (c.strip(" *") for c in row.strip("|").split("|")), strict=True))
+    documented = {
+        "val_mean_dice": "Dice",
+        "val_dice30": "Dice30",
+        "val_hd95_voxels": "HD95 (voxels)",
+        "val_sdlogj": "SDlogJ (official)",
+    }
+    assert load("metadata")["eval_metrics"] == {
+        key: float(cells[column]) for key, column in documented.items()
+    }, "configs/metadata.json eval_metrics differ from the shipped weights' row of docs/README.md Results"
 
 
 @pytest.mark.parametrize(
     "config, workflow_type, outputs",
-    [
-        ("train", "train", ("ckpt_dir", "log_dir")),
-        ("inference", "infer", ("output_dir",)),
-    ],
+    [("train", "train", ("ckpt_dir", "log_dir")), ("inference", "infer", ("output_dir",))],
 )
 def test_monai_workflow_properties_are_complete(tmp_path, config, workflow_type, outputs):
     """MONAI's own check of the keys other applications use (``check_properties``): none missing or wrong.
@@ -157,8 +185,11 @@ def test_monai_workflow_properties_are_complete(tmp_path, config, workflow_type,
     from monai.bundle import create_workflow
 
     workflow = create_workflow(
-        config_file=str(ROOT / "configs" / f"{config}.json"), meta_file=str(ROOT / "configs" / "metadata.json"),
-        logging_file=False, workflow_type=workflow_type, bundle_root=str(ROOT),
+        config_file=str(ROOT / "configs" / f"{config}.json"),
+        meta_file=str(ROOT / "configs" / "metadata.json"),
+        logging_file=False,
+        workflow_type=workflow_type,
+        bundle_root=str(ROOT),
         **{key: str(tmp_path / key) for key in outputs},
     )
     assert not workflow.check_properties()
@@ -171,10 +202,21 @@ def test_train_one_epoch_then_resume(tmp_path):
     shipped = (ROOT / "models" / "model.pt").read_bytes()
     run = tmp_path / "runs" / "train"
     args = [
-        "--dataset_dir", str(HIPPO), "--bundle_root", str(tmp_path),
-        "--num_workers", "0", "--batch_size", "2", "--val_interval", "1", *TINY,
-        "--train#cases", "$scripts.learn2reg.training_cases(@dataset_dir, @num_val)[:4]",
-        "--validate#pairs", "$scripts.learn2reg.pairs(@dataset_dir, 'registration_val', @num_val)[:2]",
+        "--dataset_dir",
+        str(HIPPO),
+        "--bundle_root",
+        str(tmp_path),
+        "--num_workers",
+        "0",
+        "--batch_size",
+        "2",
+        "--val_interval",
+        "1",
+        *TINY,
+        "--train#cases",
+        "$scripts.learn2reg.training_cases(@dataset_dir, @num_val)[:4]",
+        "--validate#pairs",
+        "$scripts.learn2reg.pairs(@dataset_dir, 'registration_val', @num_val)[:2]",
     ]
     proc = ok(bundle(*args, "--max_epochs", "1"))
     log = proc.stdout + proc.stderr
@@ -197,15 +239,38 @@ def test_train_one_epoch_then_resume(tmp_path):
 @pytest.mark.skipif(not HIPPO.is_dir(), reason=f"needs {HIPPO} (BUNDLE_TEST_DATA)")
 def test_ddp_two_processes_one_epoch(tmp_path):
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",
-        "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
-        "--dataset_dir", str(HIPPO), "--ckpt_dir", str(tmp_path / "ckpt"), "--log_dir", str(tmp_path / "logs"),
-        "--num_workers", "0", "--batch_size", "1", "--max_epochs", "1", "--val_interval", "1", *TINY,
-        "--train#cases", "$scripts.learn2reg.training_cases(@dataset_dir, @num_val)[:4]",
-        "--validate#pairs", "$scripts.learn2reg.pairs(@dataset_dir, 'registration_val', @num_val)[:2]",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/train.json','configs/multi_gpu_train.json']",
+        "--dataset_dir",
+        str(HIPPO),
+        "--ckpt_dir",
+        str(tmp_path / "ckpt"),
+        "--log_dir",
+        str(tmp_path / "logs"),
+        "--num_workers",
+        "0",
+        "--batch_size",
+        "1",
+        "--max_epochs",
+        "1",
+        "--val_interval",
+        "1",
+        *TINY,
+        "--train#cases",
+        "$scripts.learn2reg.training_cases(@dataset_dir, @num_val)[:4]",
+        "--validate#pairs",
+        "$scripts.learn2reg.pairs(@dataset_dir, 'registration_val', @num_val)[:2]",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     text = proc.stdout + proc.stderr
     # 4 cases over 2 ranks with batch 1: 2 iterations per rank, logged by rank 0 only.
@@ -238,8 +303,15 @@ def test_embedded_default_inference_then_evaluate(tmp_path):
 
     # The unregistered baseline on the same pairs: zero fields, same evaluation.
     zero = tmp_path / "zero"
-    ok(subprocess.run([sys.executable, "-m", "scripts.evaluation", "--dataset_dir", str(SAMPLE), "--output_dir", str(zero)],
-                      cwd=ROOT, capture_output=True, text=True, timeout=300))
+    ok(
+        subprocess.run(
+            [sys.executable, "-m", "scripts.evaluation", "--dataset_dir", str(SAMPLE), "--output_dir", str(zero)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    )
     baseline = json.loads((zero / "metrics.json").read_text())
     assert baseline["dice"]["mean"] == pytest.approx(0.5516, abs=1e-4)  # sample pairs, no registration
     assert metrics["dice"]["mean"] > baseline["dice"]["mean"] + 0.1, (metrics["dice"], baseline["dice"])

@@ -10,12 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import CT
 from monai.transforms import EnsureChannelFirstd, LoadImaged
 
 from scripts import cohorts as C
 from scripts.data import RandomPairDataset
 from tests.test_bundle import SAMPLE
-from conftest import CT
 
 A_CT, A_LAB = CT / "subject_a" / "ct.nii.gz", CT / "subject_a" / "labels_l2r.nii.gz"
 A_IDS = {"1": "spleen", "2": "right_kidney", "3": "left_kidney", "4": "gallbladder", "6": "liver", "7": "stomach",
@@ -25,12 +25,7 @@ ORGAN = {o: i + 1 for i, o in enumerate(C.ORGANS)}
 
 
 def cohort(labels, data=None, **kw):
-    return {
-        "name": "a",
-        "data": data or [{"image": str(A_CT), "label": str(A_LAB)}],
-        "labels": labels,
-        **kw,
-    }
+    return {"name": "a", "data": data or [{"image": str(A_CT), "label": str(A_LAB)}], "labels": labels, **kw}
 
 
 # --------------------------------------------------------------------------- declarations
@@ -38,14 +33,8 @@ def cohort(labels, data=None, **kw):
     "spec, message",
     [
         (cohort({"1": "lung"}), "unknown organ 'lung'"),
-        (
-            cohort({"1": "spleen"}, annotated=["spleen", "brain"]),
-            "unknown organs ['brain']",
-        ),
-        (
-            cohort({"1": "spleen"}, annotated=["spleen", "liver"]),
-            "declares ['liver'] annotated but no label id maps",
-        ),
+        (cohort({"1": "spleen"}, annotated=["spleen", "brain"]), "unknown organs ['brain']"),
+        (cohort({"1": "spleen"}, annotated=["spleen", "liver"]), "declares ['liver'] annotated but no label id maps"),
         (cohort({"one": "spleen"}), "label id 'one' is not an integer"),
         (cohort({"0": "spleen"}), "ids start at 1"),
         ({"name": "a"}, "needs a 'name' and 'data'"),
@@ -72,25 +61,12 @@ def test_cohort_list_errors(tmp_path):
 def test_lut_mask_and_relative_paths(tmp_path):
     (tmp_path / "d").mkdir()
     path = tmp_path / "cohorts.json"
-    path.write_text(
-        json.dumps(
-            [
-                {
-                    "name": "kits",
-                    "data": "d",
-                    "labels": {"1": "kidney_by_side", "2": None},
-                }
-            ]
-        )
-    )
+    path.write_text(json.dumps([{"name": "kits", "data": "d", "labels": {"1": "kidney_by_side", "2": None}}]))
     (c,) = C.load_cohorts(str(path))
     assert c["data"] == str(tmp_path / "d")
     assert c["annotated"] == ["right_kidney", "left_kidney"]
     assert c["lut"].tolist() == [0, -1, 0]
-    assert np.flatnonzero(c["mask"]).tolist() == [
-        ORGAN["right_kidney"],
-        ORGAN["left_kidney"],
-    ]
+    assert np.flatnonzero(c["mask"]).tolist() == [ORGAN["right_kidney"], ORGAN["left_kidney"]]
     (ct,) = C.load_cohorts([cohort(C.ABDOMENCTCT_LABELS)])
     assert ct["mask"].sum() == 11 and ct["mask"][0] == 0  # all 11 organs, adrenal glands dropped
 
@@ -100,17 +76,11 @@ def test_label_ids_checked_against_the_data(tmp_path):
     (ok,) = C.load_cohorts([cohort(A_IDS)])
     C.check_label_ids(ok, C.cohort_cases(ok))
     (absent,) = C.load_cohorts([cohort({**A_IDS, "5": "oesophagus", "99": "liver"})])
-    with pytest.raises(
-        C.CohortError,
-        match=r"cohort 'a': label ids \[5, 99\] of its mapping occur in none",
-    ):
+    with pytest.raises(C.CohortError, match=r"cohort 'a': label ids \[5, 99\] of its mapping occur in none"):
         C.check_label_ids(absent, C.cohort_cases(absent))
     undeclared = {k: v for k, v in A_IDS.items() if k not in ("12", "13")}
     (partial,) = C.load_cohorts([cohort(undeclared)])
-    with pytest.raises(
-        C.CohortError,
-        match=rf"{A_LAB}: label ids \[12, 13\] are not in the mapping of cohort 'a'",
-    ):
+    with pytest.raises(C.CohortError, match=rf"{A_LAB}: label ids \[12, 13\] are not in the mapping of cohort 'a'"):
         C.check_label_ids(partial, C.cohort_cases(partial))
     (missing,) = C.load_cohorts([cohort(A_IDS, data=[{"image": str(tmp_path / "nope.nii.gz")}])])
     with pytest.raises(C.CohortError, match="nope.nii.gz does not exist"):
@@ -149,16 +119,10 @@ def test_keep_ground_truth():
 
 
 def test_output_paths_do_not_collide(tmp_path):
-    cases = [
-        {"image": "/d/case_0/imaging.nii.gz"},
-        {"image": "/d/case_1/imaging.nii.gz"},
-    ]
+    cases = [{"image": "/d/case_0/imaging.nii.gz"}, {"image": "/d/case_1/imaging.nii.gz"}]
     root = C.output_root(cases)
     paths = {C.pseudo_label_path(c["image"], str(tmp_path), root) for c in cases}
-    assert paths == {
-        str(tmp_path / "case_0" / "imaging_seg.nii.gz"),
-        str(tmp_path / "case_1" / "imaging_seg.nii.gz"),
-    }
+    assert paths == {str(tmp_path / "case_0" / "imaging_seg.nii.gz"), str(tmp_path / "case_1" / "imaging_seg.nii.gz")}
     with pytest.raises(C.CohortError, match="listed 2 times"):
         C.output_root(cases + cases[:1])
 
@@ -187,7 +151,6 @@ def test_a_failed_seg_inference_leaves_no_label_maps(tmp_path):
         def run(self):
             Engine(self.step).run(cases, max_epochs=1)
 
-
     with pytest.raises(RuntimeError, match="case 2"):
         C.run_staged(Inference(True), cases, str(out), staging)
     assert not os.path.exists(staging) and not out.exists()
@@ -209,10 +172,7 @@ def test_pairs_drawn_within_a_cohort():
     for _ in range(20):
         for i in range(6):
             pair = ds[i]
-            m, f = (
-                int(pair["moving_image"].flatten()[0]),
-                int(pair["fixed_image"].flatten()[0]),
-            )
+            m, f = (int(pair["moving_image"].flatten()[0]), int(pair["fixed_image"].flatten()[0]))
             assert m == i and f != m and f % 2 == m % 2
             seen.add((m, f))
     assert len(seen) == 12  # every within-cohort pair occurs

@@ -13,10 +13,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import HIPPO
 
 from scripts.convert import ConversionError, msd_to_learn2reg
 from scripts.learn2reg import pairs, training_cases
-from conftest import HIPPO
 
 REPO = Path(__file__).resolve().parents[1]
 MSD = HIPPO
@@ -47,7 +47,7 @@ def digest(paths) -> dict:
 
 def pad_before(shape, size=SIZE) -> np.ndarray:
     """MONAI's centre pad (SpatialPad method="symmetric") puts diff // 2 zeros before."""
-    return np.array([(t - s) // 2 for s, t in zip(shape, size)])
+    return np.array([(t - s) // 2 for s, t in zip(shape, size, strict=True)])
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_voxels_and_affine(converted, number):
     label = nib.load(converted / "labelsTr" / out_name(number))
     shape = src_image.shape
     b = pad_before(shape)
-    centre = tuple(slice(o, o + s) for o, s in zip(b, shape))
+    centre = tuple(slice(o, o + s) for o, s in zip(b, shape, strict=True))
 
     original = np.asanyarray(src_image.dataobj).astype(np.float32)
     data = np.asanyarray(image.dataobj)
@@ -148,7 +148,8 @@ def test_dataset_json(converted):
     assert index["test"] == [] and index["training_paired_images"] == [] and index["registration_test"] == []
     val = IDS[-NUM_VAL:]
     assert index["registration_val"] == [
-        {"fixed": f"./imagesTr/{out_name(f)}", "moving": f"./imagesTr/{out_name(m)}"} for f, m in zip(val, val[::-1])
+        {"fixed": f"./imagesTr/{out_name(f)}", "moving": f"./imagesTr/{out_name(m)}"}
+        for f, m in zip(val, val[::-1], strict=True)
     ]
     assert index["numRegistration_val"] == NUM_VAL
     assert "CC-BY-SA 4.0" in index["licence"]
@@ -159,7 +160,7 @@ def test_dataset_json(converted):
 def test_reads_back_with_learn2reg_reader(converted):
     val = [f"{n:04d}" for n in IDS[-NUM_VAL:]]
     got = pairs(str(converted), "registration_val")
-    assert [(p["fixed_id"], p["moving_id"]) for p in got] == list(zip(val, val[::-1]))
+    assert [(p["fixed_id"], p["moving_id"]) for p in got] == list(zip(val, val[::-1], strict=True))
     for p in got:
         assert p["fixed_label"].endswith(os.path.join("labelsTr", out_name(int(p["fixed_id"]))))
         assert os.path.isfile(p["moving_label"])
@@ -195,7 +196,7 @@ def test_sample_data_reads_back():
         pytest.fail(f"{SAMPLE} is missing: the bundle's default data")
     val = [f"{n:04d}" for n in SAMPLE_IDS[4:]]
     got = pairs(str(SAMPLE), "registration_val")
-    assert [(p["fixed_id"], p["moving_id"]) for p in got] == list(zip(val, val[::-1]))
+    assert [(p["fixed_id"], p["moving_id"]) for p in got] == list(zip(val, val[::-1], strict=True))
     assert all("fixed_label" in p and "moving_label" in p for p in got)
     assert [c["id"] for c in training_cases(str(SAMPLE))] == [f"{n:04d}" for n in SAMPLE_IDS[:4]]
     index = json.loads((SAMPLE / "HippocampusMR_dataset.json").read_text())
@@ -224,7 +225,7 @@ def test_cli_rebuilds_sample_data(tmp_path):
     cmd = [sys.executable, "-m", "scripts.convert", "--msd_dir", str(MSD), "--out_dir", str(out)]
     cmd += ["--ids", ids, "--num_val", "4"]
     readme = (REPO / "sample_data" / "README.md").read_text()
-    assert f'--ids "{ids}" --num_val 4' in readme
+    assert f'--ids "{ids}" --num_val 4' in readme  # noqa: B907 (the README's own quoting)
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
     assert json.loads((out / "HippocampusMR_dataset.json").read_text()) == json.loads(
         (SAMPLE / "HippocampusMR_dataset.json").read_text()
@@ -331,4 +332,8 @@ def test_cli_error_is_one_line(tmp_path):
     cmd = [sys.executable, "-m", "scripts.convert", "--msd_dir", str(MSD), "--out_dir", str(out)]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
-    assert "error:" in result.stderr and "already exists and is not empty" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        "error:" in result.stderr
+        and "already exists and is not empty" in result.stderr
+        and "Traceback" not in result.stderr
+    )

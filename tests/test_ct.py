@@ -17,12 +17,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import CT
 
 from scripts import ct_pair
 from scripts.learn2reg import DatasetError
 from scripts.networks import SpatialGradientRegNet
 from tests.test_bundle import ROOT, TINY, bundle, ok
-from conftest import CT
 
 A_CT, A_LAB = CT / "subject_a" / "ct.nii.gz", CT / "subject_a" / "labels_l2r.nii.gz"
 B_DICOM, B_LAB = CT / "subject_b" / "dicom", CT / "subject_b" / "labels_l2r.nii.gz"
@@ -163,7 +163,9 @@ def test_training_with_the_ct_overlay_uses_random_patches(prepared, tmp_path):
     for old, new in (("0001", "0003"), ("0002", "0004")):
         for sub in ("imagesTr", "labelsTr"):
             shutil.copy(data / sub / f"CTPair_{old}_0000.nii.gz", data / sub / f"CTPair_{new}_0000.nii.gz")
-        index["training"].append({"image": f"./imagesTr/CTPair_{new}_0000.nii.gz", "label": f"./labelsTr/CTPair_{new}_0000.nii.gz"})
+        index["training"].append(
+            {"image": f"./imagesTr/CTPair_{new}_0000.nii.gz", "label": f"./labelsTr/CTPair_{new}_0000.nii.gz"}
+        )
     (data / "CTPair_dataset.json").write_text(json.dumps(index))
     run = tmp_path / "run"
     proc = ok(bundle("--dataset_dir", str(data), "--ckpt_dir", str(run), "--log_dir", str(run / "logs"),

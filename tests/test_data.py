@@ -1,7 +1,6 @@
 """Tests of scripts/data.py: random and listed pairs, identical augmentation of both images, the
 up-front check of a pair list."""
 
-
 import numpy as np
 import pytest
 from conftest import smooth_volume
@@ -189,7 +188,9 @@ def test_check_dataset_checks_each_image_once_and_names_the_failing_pair(capsys)
 
 def test_check_dataset_refuses_pairs_on_two_grids_and_too_many_voxels():
     pairs = [{"fixed_image": "a_4x4x4", "moving_image": "b_4x4x8"}]
-    with pytest.raises(ValueError, match=r"input 1 of 1: fixed a_4x4x4 becomes \(4, 4, 4\) and moving b_4x4x8 becomes \(4, 4, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"input 1 of 1: fixed a_4x4x4 becomes \(4, 4, 4\) and moving b_4x4x8 becomes \(4, 4, 8\)"
+    ):
         check_dataset(PairDataset(pairs, transform=_shape_loader([])))
     pairs = [{"fixed_image": "a_8x8x8", "moving_image": "b_8x8x8"}]
     assert check_dataset(PairDataset(pairs, transform=_shape_loader([])), max_voxels=512) is not None

@@ -178,7 +178,10 @@ def test_warps_equal_monai_warp_to_the_bit(shape):
     ddf_ref = ddf.detach().clone().requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        border, zeros, nearest = (Warp(mode=m, padding_mode=p) for m, p in (("bilinear", "border"), ("bilinear", "zeros"), ("nearest", "zeros")))
+        border, zeros, nearest = (
+            Warp(mode=m, padding_mode=p)
+            for m, p in (("bilinear", "border"), ("bilinear", "zeros"), ("nearest", "zeros"))
+        )
     assert torch.equal(warp_image(image, ddf), border(image, ddf_ref))
     assert torch.equal(warp_image(image, ddf, padding="zeros"), zeros(image, ddf_ref))
     assert torch.equal(warp_labels_nearest(labels, ddf.detach()), nearest(labels.float(), ddf_ref.detach()).long())

@@ -37,8 +37,11 @@ def dataset(tmp_path):
     paths = {i: save(labels_dir / f"Hippo_{i}_0000.nii.gz", s, zooms=(2.0, 1.0, 1.0)) for i, s in segs.items()}
     correct = np.zeros(SHAPE + (3,))
     correct[..., 0] = 1.0  # warped(x) = moving(x + e0) undoes the +1 offset of label 1
-    fields = {("0201", "0202"): np.zeros(SHAPE + (3,)), ("0201", "0203"): np.zeros(SHAPE + (3,)),
-              ("0202", "0203"): correct}
+    fields = {
+        ("0201", "0202"): np.zeros(SHAPE + (3,)),
+        ("0201", "0203"): np.zeros(SHAPE + (3,)),
+        ("0202", "0203"): correct,
+    }
     pairs = []
     for (f, m), disp in fields.items():
         save(disp_dir / disp_filename(f, m), disp)
@@ -59,8 +62,19 @@ def test_evaluate_folder_end_to_end(dataset):
 
     with open(out / "metrics_per_pair.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["fixed_id", "moving_id", "dice", "hd95", "hd95_mm", "sdlogj", "sdlogj_plain",
-                             "folding_percent", "dice_1", "dice_2", "valid"]
+    assert list(rows[0]) == [
+        "fixed_id",
+        "moving_id",
+        "dice",
+        "hd95",
+        "hd95_mm",
+        "sdlogj",
+        "sdlogj_plain",
+        "folding_percent",
+        "dice_1",
+        "dice_2",
+        "valid",
+    ]
     assert [(r["fixed_id"], r["moving_id"]) for r in rows] == [("0201", "0202"), ("0201", "0203"), ("0202", "0203")]
     np.testing.assert_allclose([float(r["dice"]) for r in rows], expected_dice)
     assert float(rows[0]["hd95"]) == 0.0 and float(rows[2]["sdlogj"]) == 0.0  # constant field: J = 1
@@ -105,8 +119,9 @@ def test_missing_disp_file_raises_and_writes_nothing(dataset):
 def test_wrong_shape_raises_naming_file_and_writes_nothing(dataset):
     pairs, disp_dir, out, _, _ = dataset
     save(disp_dir / disp_filename("0202", "0203"), np.zeros(SHAPE + (2,)))
-    with pytest.raises(ValueError, match=r"disp_0202_0000_0203_0000.nii.gz: shape \(12, 12, 12, 2\), "
-                                         r"expected \(12, 12, 12, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"disp_0202_0000_0203_0000.nii.gz: shape \(12, 12, 12, 2\), " r"expected \(12, 12, 12, 3\)"
+    ):
         evaluate_folder(pairs, disp_dir, out)
     assert not out.exists()
 

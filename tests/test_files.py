@@ -5,12 +5,11 @@ import stat
 import subprocess
 import sys
 
-import pytest
-
 import nibabel as nib
 import numpy as np
+import pytest
 
-from scripts.files import atomic_path, save_nifti, check_output_dir, publish_dir, remove_stale, staged_dir, tmp_name
+from scripts.files import atomic_path, check_output_dir, publish_dir, remove_stale, save_nifti, staged_dir, tmp_name
 
 
 @pytest.fixture
@@ -99,7 +98,9 @@ def test_publish_refuses_a_folder_filled_during_the_run(tmp_path):
     staging.mkdir()
     out.mkdir()
     (out / "other_run").write_text("x")
-    with pytest.raises(FileExistsError, match="filled by something else during this run; this run's results were discarded"):
+    with pytest.raises(
+        FileExistsError, match="filled by something else during this run; this run's results were discarded"
+    ):
         publish_dir(str(staging), str(out))
     assert staging.exists() and os.listdir(out) == ["other_run"]
 

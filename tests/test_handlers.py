@@ -29,10 +29,14 @@ def run(tmp_path, fail_at=None, overwrite=False):
         return [{"seconds": 0.25 * engine.state.iteration}]
 
     engine = Engine(step)
-    RegistrationResults(staging, str(out), overwrite, manifest={"checkpoint": str(ckpt), "channels": [8, 16]}).attach(engine)
+    RegistrationResults(staging, str(out), overwrite, manifest={"checkpoint": str(ckpt), "channels": [8, 16]}).attach(
+        engine
+    )
     image = lambda i: MetaTensor(torch.zeros(1), meta={"filename_or_obj": f"/d/img_{i}.nii.gz"})  # noqa: E731
-    batches = [[{"fixed_id": f"000{i}", "moving_id": f"000{i + 1}", "fixed_image": image(i), "moving_image": image(i + 1)}]
-               for i in range(3)]
+    batches = [
+        [{"fixed_id": f"000{i}", "moving_id": f"000{i + 1}", "fixed_image": image(i), "moving_image": image(i + 1)}]
+        for i in range(3)
+    ]
     engine.run(batches, max_epochs=1)
     return out, staging, ckpt
 
@@ -41,13 +45,21 @@ def test_a_complete_run_publishes_timings_and_manifest(tmp_path):
     out, staging, ckpt = run(tmp_path)
     assert not os.path.exists(staging)
     rows = list(csv.reader(open(out / "timing.csv")))
-    assert rows == [["fixed_id", "moving_id", "seconds"], ["0000", "0001", "0.2500"], ["0001", "0002", "0.5000"],
-                    ["0002", "0003", "0.7500"]]
+    assert rows == [
+        ["fixed_id", "moving_id", "seconds"],
+        ["0000", "0001", "0.2500"],
+        ["0001", "0002", "0.5000"],
+        ["0002", "0003", "0.7500"],
+    ]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["checkpoint"] == {"path": str(ckpt), "sha256": sha256_of(str(ckpt))}
     assert manifest["settings"] == {"channels": [8, 16]}
-    assert manifest["pairs"][1] == {"fixed_id": "0001", "moving_id": "0002", "fixed_image": "/d/img_1.nii.gz",
-                                    "moving_image": "/d/img_2.nii.gz"}
+    assert manifest["pairs"][1] == {
+        "fixed_id": "0001",
+        "moving_id": "0002",
+        "fixed_image": "/d/img_1.nii.gz",
+        "moving_image": "/d/img_2.nii.gz",
+    }
     assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"manifest.json"}
     assert all(manifest["files"][n] == sha256_of(str(out / n)) for n in manifest["files"])
 

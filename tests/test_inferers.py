@@ -50,7 +50,8 @@ def test_low_memory_equals_plain_forward(kwargs, slab_voxels):
         with torch.no_grad():
             for m in net.modules():
                 if isinstance(m, torch.nn.InstanceNorm3d):
-                    m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.2, 0.2)
     image = pair(in_channels=net.in_channels).double()
     lean = LowMemoryRegistrationInferer(slab_voxels=slab_voxels)(image, net)
     plain = RegistrationInferer()(image, net)

@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import HIPPO
 
 from scripts.learn2reg import DatasetError, case_id, disp_name, pairs, training_cases
-from conftest import HIPPO
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data" / "HippocampusMR"
@@ -30,8 +30,14 @@ def test_case_ids_and_disp_names():
 def test_learn2reg_folder_pairs_and_training_cases():
     val = pairs(str(SAMPLE), "registration_val")
     assert [(p["fixed_id"], p["moving_id"]) for p in val] == [
-        ("0367", "0394"), ("0375", "0385"), ("0385", "0375"), ("0394", "0367")]
-    assert all(Path(p[k]).is_absolute() and Path(p[k]).is_file() for p in val for k in p if k.endswith(("image", "label")))
+        ("0367", "0394"),
+        ("0375", "0385"),
+        ("0385", "0375"),
+        ("0394", "0367"),
+    ]
+    assert all(
+        Path(p[k]).is_absolute() and Path(p[k]).is_file() for p in val for k in p if k.endswith(("image", "label"))
+    )
     train = training_cases(str(SAMPLE))
     held_out = {p["fixed_image"] for p in val}
     assert train and not held_out & {c["image"] for c in train}
@@ -54,12 +60,22 @@ def test_msd_folder_holds_out_the_last_cases_as_reversed_pairs():
 
 def test_user_pair_lists_csv_and_json(tmp_path):
     csv_file = tmp_path / "pairs.csv"
-    csv_file.write_text("fixed,moving\n./imagesTr/HippocampusMR_0331_0000.nii.gz,./imagesTr/HippocampusMR_0338_0000.nii.gz\n")
+    csv_file.write_text(
+        "fixed,moving\n./imagesTr/HippocampusMR_0331_0000.nii.gz,./imagesTr/HippocampusMR_0338_0000.nii.gz\n"
+    )
     (p,) = pairs(str(SAMPLE), str(csv_file))
     assert (p["fixed_id"], p["moving_id"]) == ("0331", "0338") and "fixed_label" in p
     json_file = tmp_path / "pairs.json"
-    json_file.write_text(json.dumps([{"fixed": str(SAMPLE / "imagesTr/HippocampusMR_0351_0000.nii.gz"),
-                                      "moving": "./imagesTr/HippocampusMR_0356_0000.nii.gz"}]))
+    json_file.write_text(
+        json.dumps(
+            [
+                {
+                    "fixed": str(SAMPLE / "imagesTr/HippocampusMR_0351_0000.nii.gz"),
+                    "moving": "./imagesTr/HippocampusMR_0356_0000.nii.gz",
+                }
+            ]
+        )
+    )
     assert pairs(str(SAMPLE), str(json_file))[0]["moving_id"] == "0356"
 
 
@@ -113,7 +129,10 @@ def test_output_names_follow_the_learn2reg_convention():
     from scripts.learn2reg import OutputName
 
     long, short = OutputName("long"), OutputName("short")
-    assert long({"key": "ddf", "fixed_id": "0201", "moving_id": "0260"}) == {"subject": "disp_0201_0000_0260_0000", "idx": None}
+    assert long({"key": "ddf", "fixed_id": "0201", "moving_id": "0260"}) == {
+        "subject": "disp_0201_0000_0260_0000",
+        "idx": None,
+    }
     assert short.name("ddf", "0201", "0260") == "disp_0201_0260"
     assert long.name("ddf_fixed_to_moving", "0201", "0260") == "disp_0260_0000_0201_0000"  # the reversed pair
     assert long.name("warped_label", "0201", "0260") == "warped_label_0201_0260"
@@ -128,9 +147,14 @@ def test_colliding_output_names_name_both_pairs():
     ok = [pair("/a/0001", "/a/0002"), pair("/a/0002", "/a/0001")]
     assert check_output_names(ok) == ok
     # with the reversed fields written too, the two pairs of one couple collide
-    with pytest.raises(DatasetError, match="pair 2 .* would also write disp_0002_0000_0001_0000.nii.gz; with --write_fixed_to_moving True"):
+    with pytest.raises(
+        DatasetError,
+        match="pair 2 .* would also write disp_0002_0000_0001_0000.nii.gz; with --write_fixed_to_moving True",
+    ):
         check_output_names(ok, fixed_to_moving=True)
-    with pytest.raises(DatasetError, match=r"pair 1 \(fixed /a/0001, moving /a/0002\) and another pair.*pair 2 \(fixed /b/0001"):
+    with pytest.raises(
+        DatasetError, match=r"pair 1 \(fixed /a/0001, moving /a/0002\) and another pair.*pair 2 \(fixed /b/0001"
+    ):
         check_output_names([pair("/a/0001", "/a/0002"), pair("/b/0001", "/a/0002")])
     with pytest.raises(DatasetError, match="is listed twice"):
         check_output_names([pair("/a/0001", "/a/0002")] * 2)

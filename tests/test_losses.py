@@ -9,8 +9,8 @@ import torch
 from conftest import map_coordinates_warp, smooth_volume
 from monai.losses import LocalNormalizedCrossCorrelationLoss
 
-from scripts.deformation import gradient_to_ddf
 from scripts.cohorts import NUM_CLASSES, ORGANS
+from scripts.deformation import gradient_to_ddf
 from scripts.losses import LocalNCCLoss, PartialLabelDiceLoss, SymmetricRegistrationLoss
 from scripts.networks import SpatialGradientRegNet
 

@@ -94,11 +94,11 @@ def test_jacobian_zero_field():
 
 
 def test_jacobian_linear_field():
-    A = np.array([[0.1, -0.2, 0.05], [0.3, -0.1, 0.0], [-0.05, 0.2, 0.25]])
+    a = np.array([[0.1, -0.2, 0.05], [0.3, -0.1, 0.0], [-0.05, 0.2, 0.25]])
     grid = np.stack(np.meshgrid(*(np.arange(n, dtype=float) for n in (8, 9, 10)), indexing="ij"), -1)
-    disp = grid @ A.T  # u_c(x) = sum_a A[c, a] x_a
+    disp = grid @ a.T  # u_c(x) = sum_a a[c, a] x_a
     jac = M.jacobian_determinant(disp)
-    np.testing.assert_allclose(jac, np.linalg.det(np.eye(3) + A), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(jac, np.linalg.det(np.eye(3) + a), rtol=0, atol=1e-12)
 
 
 def test_jacobian_fold():
@@ -177,11 +177,7 @@ def official_jacobian_determinant(disp_b3hwd):
     for kernel in (gradx, grady, gradz):
         grads.append(
             np.stack(
-                [
-                    scipy.ndimage.correlate(disp_b3hwd[:, c], kernel, mode="constant", cval=0.0)
-                    for c in range(3)
-                ],
-                axis=1,
+                [scipy.ndimage.correlate(disp_b3hwd[:, c], kernel, mode="constant", cval=0.0) for c in range(3)], axis=1
             )
         )
     grad_disp = np.concatenate(grads, 0)  # (3 derivative axes, 3 components, H, W, D)
@@ -194,8 +190,7 @@ def official_jacobian_determinant(disp_b3hwd):
 
 
 def official_pair(fixed_seg, moving_seg, disp_field, labels):
-    D, H, W = fixed_seg.shape
-    identity = np.meshgrid(np.arange(D), np.arange(H), np.arange(W), indexing="ij")
+    identity = np.meshgrid(*(np.arange(n) for n in fixed_seg.shape), indexing="ij")
     warped = scipy.ndimage.map_coordinates(moving_seg, identity + disp_field.transpose(3, 0, 1, 2), order=0)
     jac_det = (official_jacobian_determinant(disp_field[np.newaxis].transpose((0, 4, 1, 2, 3))) + 3).clip(1e-9, 1e9)
     dice, hd95 = [], []

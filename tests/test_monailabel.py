@@ -41,6 +41,7 @@ LABELS = (1, 2)
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the real commands
 
+
 def _missing(reason: str):
     if IN_CI:
         pytest.fail(f"{reason} (CI=true: this test must run in CI)")
@@ -115,12 +116,30 @@ def server(tmp_path_factory):
     }
     env.pop("PYTHONHOME", None)
     cmd = [
-        str(MONAILABEL), "start_server", "--app", str(APP), "--studies", str(studies),
-        "--conf", "num_atlases", str(NUM_ATLASES), "--host", "127.0.0.1", "--port", str(port),
+        str(MONAILABEL),
+        "start_server",
+        "--app",
+        str(APP),
+        "--studies",
+        str(studies),
+        "--conf",
+        "num_atlases",
+        str(NUM_ATLASES),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
     ]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=tmp,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     srv = Server(f"http://127.0.0.1:{port}", proc, log)
     try:
         deadline = time.monotonic() + 300
@@ -148,7 +167,9 @@ def server(tmp_path_factory):
 
 def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
     """Mean over labels 1 and 2 of the Dice coefficient."""
-    return float(np.mean([2 * np.sum((pred == k) & (truth == k)) / (np.sum(pred == k) + np.sum(truth == k)) for k in LABELS]))
+    return float(
+        np.mean([2 * np.sum((pred == k) & (truth == k)) / (np.sum(pred == k) + np.sum(truth == k)) for k in LABELS])
+    )
 
 
 def _identity_baseline(shape) -> np.ndarray:
@@ -160,8 +181,8 @@ def _identity_baseline(shape) -> np.ndarray:
     maps = []
     for path in labels:
         lab = np.asarray(nib.load(path).dataobj).astype(int)
-        start = [(big - s) // 2 for big, s in zip(lab.shape, shape)]
-        maps.append(lab[tuple(slice(b, b + s) for b, s in zip(start, shape))])
+        start = [(big - s) // 2 for big, s in zip(lab.shape, shape, strict=True)]
+        maps.append(lab[tuple(slice(b, b + s) for b, s in zip(start, shape, strict=True))])
     votes = np.stack([sum((m == k) for m in maps) for k in range(3)])
     return votes.argmax(0)
 
@@ -171,7 +192,9 @@ def test_info_lists_the_task_with_the_bundle_label_names(server):
     assert status == 200, body
     info = json.loads(body)
     task = info["models"]["atlas_registration"]
-    label_def = json.loads((ROOT / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]["pred"]["label_def"]
+    label_def = json.loads((ROOT / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]["pred"][
+        "label_def"
+    ]
     assert task["type"] == "segmentation"
     assert task["labels"] == {name: int(value) for value, name in label_def.items() if value != "0"}
     assert task["config"]["num_atlases"] == NUM_ATLASES

@@ -7,15 +7,26 @@ import pytest
 from scripts.overrides import OverrideError, check_overrides, flag
 
 
-
 def argv(*args: str, config: str = "configs/inference.json") -> list[str]:
     return ["/site-packages/monai/bundle/__main__.py", "run", "--config_file", config, *args]
 
 
-@pytest.mark.parametrize("value, expected", [
-    (True, True), (False, False), (1, True), (0, False),
-    ("true", True), ("True", True), ("false", False), ("False", False), ("1", True), ("0", False), (" FALSE ", False),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (True, True),
+        (False, False),
+        (1, True),
+        (0, False),
+        ("true", True),
+        ("True", True),
+        ("false", False),
+        ("False", False),
+        ("1", True),
+        ("0", False),
+        (" FALSE ", False),
+    ],
+)
 def test_flag_accepts_the_spellings_of_a_boolean(value, expected):
     assert flag(value, "figures") is expected
 
@@ -27,22 +38,40 @@ def test_flag_refuses_anything_else_naming_the_option(value):
 
 
 def test_known_keys_nested_keys_and_run_arguments_pass():
-    check_overrides(argv("--output_dir", "x", "--dataset_dir=y", "--figures", "False", "--handlers#0#strict", "False",
-                         "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf"))
+    check_overrides(
+        argv(
+            "--output_dir",
+            "x",
+            "--dataset_dir=y",
+            "--figures",
+            "False",
+            "--handlers#0#strict",
+            "False",
+            "--meta_file",
+            "configs/metadata.json",
+            "--logging_file",
+            "configs/logging.conf",
+        )
+    )
     check_overrides(argv("--max_epochs", "2", "--train#trainer#max_epochs", "3", config="configs/train.json"))
     # several config files: the keys of all of them
-    check_overrides(argv("--hu_windows", "[[0, 1], [0, 1], [0, 1]]", config="['configs/inference.json','configs/abdomen_ct.json']"))
+    check_overrides(
+        argv("--hu_windows", "[[0, 1], [0, 1], [0, 1]]", config="['configs/inference.json','configs/abdomen_ct.json']")
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--ouput_dir", "x"], "--ouput_dir: unknown key for configs/inference.json; did you mean --output_dir?"),
-    (["--datset_dir", "x"], "did you mean --dataset_dir?"),
-    (["--nonsense_key_zzz", "1"], "unknown key for configs/inference.json; see the config files for the keys"),
-    (["--handlers#9#strict", "x"], "--handlers#9#strict: the config files have no handlers#9"),
-    (["--write_inverse", "True"], "--write_inverse was renamed: use --write_fixed_to_moving"),
-    (["--figures", "maybe"], "--figures: expected True or False"),
-    (["--overwrite=yes"], "--overwrite: expected True or False"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ouput_dir", "x"], "--ouput_dir: unknown key for configs/inference.json; did you mean --output_dir?"),
+        (["--datset_dir", "x"], "did you mean --dataset_dir?"),
+        (["--nonsense_key_zzz", "1"], "unknown key for configs/inference.json; see the config files for the keys"),
+        (["--handlers#9#strict", "x"], "--handlers#9#strict: the config files have no handlers#9"),
+        (["--write_inverse", "True"], "--write_inverse was renamed: use --write_fixed_to_moving"),
+        (["--figures", "maybe"], "--figures: expected True or False"),
+        (["--overwrite=yes"], "--overwrite: expected True or False"),
+    ],
+)
 def test_unknown_renamed_and_badly_valued_options_are_refused(args, message):
     with pytest.raises(OverrideError, match=message.replace("?", r"\?").replace("[", r"\[")):
         check_overrides(argv(*args))
@@ -58,5 +87,8 @@ def test_the_keys_of_every_config_are_known(tmp_path):
     for name in ("train", "inference", "evaluate", "seg_train", "seg_inference"):
         config = f"configs/{name}.json"
         keys = [k for k in json.load(open(config)) if not k.startswith("_")]
-        check_overrides(argv(*[a for k in keys for a in (f"--{k}", "1" if k not in ("figures", "overwrite") else "0")],
-                             config=config))
+        check_overrides(
+            argv(
+                *[a for k in keys for a in (f"--{k}", "1" if k not in ("figures", "overwrite") else "0")], config=config
+            )
+        )

@@ -15,12 +15,7 @@ import numpy as np
 import pytest
 
 from scripts import ct_pair, prepare_cohorts
-from scripts.cohorts import (
-    ABDOMENCTCT_LABELS,
-    check_label_ids,
-    cohort_cases,
-    load_cohorts,
-)
+from scripts.cohorts import ABDOMENCTCT_LABELS, check_label_ids, cohort_cases, load_cohorts
 from tests.test_bundle import ROOT
 from tests.test_ct import A_CT, A_LAB, B_DICOM, B_LAB, CT, LIVER, UMASK, assert_normal_permissions, fingerprint
 
@@ -87,7 +82,10 @@ def two_cohorts(tmp_path_factory):
 
 def test_two_cohorts_land_on_one_grid_with_their_own_label_ids(two_cohorts):
     out, proc = two_cohorts["out"], two_cohorts["proc"]
-    assert [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("[")] == ["[1/2] a ct", "[2/2] b dicom"]
+    assert [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("[")] == [
+        "[1/2] a ct",
+        "[2/2] b dicom",
+    ]
     assert two_cohorts["after"] == two_cohorts["before"]  # inputs only read
     assert_normal_permissions(out)  # the published staging folder too, not mkdtemp's 0o700
     # the prepared cohort list is usable as it is, relative paths resolved against its folder
@@ -100,7 +98,7 @@ def test_two_cohorts_land_on_one_grid_with_their_own_label_ids(two_cohorts):
     assert cohorts[1]["annotated"] == ["liver", "spleen"]
     reference = ct_pair.read_image(str(A_CT))
     affines = []
-    for c, source, source_label, ids in zip(cohorts, (A_CT, B_DICOM), (A_LAB, B_LAB), (A_IDS, B_IDS)):
+    for c, source, source_label, ids in zip(cohorts, (A_CT, B_DICOM), (A_LAB, B_LAB), (A_IDS, B_IDS), strict=True):
         cases = cohort_cases(c)
         assert len(cases) == 1 and {"image", "label"} <= set(cases[0])
         index = json.loads((out / c["name"] / "dataset.json").read_text())
@@ -195,7 +193,11 @@ def _unknown_organ(tmp):
 
 
 def _absent_id(tmp):
-    return [cohort("a", A_CT, A_LAB, A_LABELS | {"99": "liver"})], "label ids [99] of its mapping occur in none", "cohort 'a'"
+    return (
+        [cohort("a", A_CT, A_LAB, A_LABELS | {"99": "liver"})],
+        "label ids [99] of its mapping occur in none",
+        "cohort 'a'",
+    )
 
 
 def _undeclared_id(tmp):
@@ -224,7 +226,14 @@ def _no_overlap(tmp):
 @pytest.mark.parametrize(
     "make",
     [_unknown_organ, _absent_id, _undeclared_id, _missing_image, _duplicate_case, _no_overlap],
-    ids=["unknown-organ", "absent-label-id", "undeclared-label-id", "missing-image", "duplicate-case-name", "no-overlap"],
+    ids=[
+        "unknown-organ",
+        "absent-label-id",
+        "undeclared-label-id",
+        "missing-image",
+        "duplicate-case-name",
+        "no-overlap",
+    ],
 )
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, make):
     spec, message, names = make(tmp_path)

@@ -11,13 +11,11 @@ import torch
 
 from tests.test_bundle import SAMPLE, TINY, bundle, ok
 
-VAL_ONE = [
-    "--validate#pairs",
-    "$scripts.learn2reg.pairs(@dataset_dir, 'registration_val', @num_val)[:1]",
-]
+VAL_ONE = ["--validate#pairs", "$scripts.learn2reg.pairs(@dataset_dir, 'registration_val', @num_val)[:1]"]
 
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the real commands
+
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
@@ -25,11 +23,37 @@ def pretrained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pretrain")
     images = sorted(str(p) for p in (SAMPLE / "imagesTr").glob("*.nii.gz"))
     cohorts = tmp / "cohorts.json"
-    cohorts.write_text(json.dumps([{"name": "first", "data": [{"image": p} for p in images[:4]]},
-                                   {"name": "second", "data": [{"image": p} for p in images[4:]]}]))  # fmt: skip
-    proc = ok(bundle("--dataset_dir", str(SAMPLE), "--cohorts", str(cohorts), "--cache_dir", str(tmp / "cache"), "--ckpt_dir", str(tmp / "ckpt"),
-                     *TINY, "--batch_size", "2", "--num_workers", "0", "--max_epochs", "1", "--val_interval", "1",
-                     *VAL_ONE, configs=("train", "pretrain")))  # fmt: skip
+    cohorts.write_text(
+        json.dumps(
+            [
+                {"name": "first", "data": [{"image": p} for p in images[:4]]},
+                {"name": "second", "data": [{"image": p} for p in images[4:]]},
+            ]
+        )
+    )
+    proc = ok(
+        bundle(
+            "--dataset_dir",
+            str(SAMPLE),
+            "--cohorts",
+            str(cohorts),
+            "--cache_dir",
+            str(tmp / "cache"),
+            "--ckpt_dir",
+            str(tmp / "ckpt"),
+            *TINY,
+            "--batch_size",
+            "2",
+            "--num_workers",
+            "0",
+            "--max_epochs",
+            "1",
+            "--val_interval",
+            "1",
+            *VAL_ONE,
+            configs=("train", "pretrain"),
+        )
+    )
     return tmp, proc
 
 
@@ -50,18 +74,60 @@ def test_pretrain_then_finetune_carries_weights_exactly(pretrained, tmp_path):
     weight was loaded (none left at its random initialisation) and nothing else changed them."""
     tmp, _ = pretrained
     source = torch.load(tmp / "ckpt" / "checkpoint_epoch=1.pt", weights_only=True)["model"]
-    ok(bundle("--dataset_dir", str(SAMPLE), "--ckpt_dir", str(tmp_path), "--pretrained_ckpt", str(tmp / "ckpt" / "checkpoint_epoch=1.pt"),
-              *TINY, "--learning_rate", "0", "--batch_size", "2", "--num_workers", "0", "--max_epochs", "1", "--val_interval", "100",
-              "--train#cases", "$scripts.learn2reg.training_cases(@dataset_dir, @num_val, exclude_val=False)[:4]", *VAL_ONE))  # fmt: skip
+    ok(
+        bundle(
+            "--dataset_dir",
+            str(SAMPLE),
+            "--ckpt_dir",
+            str(tmp_path),
+            "--pretrained_ckpt",
+            str(tmp / "ckpt" / "checkpoint_epoch=1.pt"),
+            *TINY,
+            "--learning_rate",
+            "0",
+            "--batch_size",
+            "2",
+            "--num_workers",
+            "0",
+            "--max_epochs",
+            "1",
+            "--val_interval",
+            "100",
+            "--train#cases",
+            "$scripts.learn2reg.training_cases(@dataset_dir, @num_val, exclude_val=False)[:4]",
+            *VAL_ONE,
+        )
+    )
     tuned = torch.load(tmp_path / "checkpoint_epoch=1.pt", weights_only=True)
     assert tuned["trainer"]["iteration"] == 2  # it did train (two steps with lr 0)
     assert tuned["model"].keys() == source.keys()
     differ = [k for k in source if not torch.equal(source[k], tuned["model"][k])]
     assert not differ, differ[:3]
     # The control: with a learning rate the same run moves the weights.
-    ok(bundle("--dataset_dir", str(SAMPLE), "--ckpt_dir", str(tmp_path / "lr"), "--pretrained_ckpt", str(tmp / "ckpt" / "model.pt"),
-              *TINY, "--learning_rate", "0.001", "--batch_size", "2", "--num_workers", "0", "--max_epochs", "1", "--val_interval", "100",
-              "--train#cases", "$scripts.learn2reg.training_cases(@dataset_dir, @num_val, exclude_val=False)[:4]", *VAL_ONE))  # fmt: skip
+    ok(
+        bundle(
+            "--dataset_dir",
+            str(SAMPLE),
+            "--ckpt_dir",
+            str(tmp_path / "lr"),
+            "--pretrained_ckpt",
+            str(tmp / "ckpt" / "model.pt"),
+            *TINY,
+            "--learning_rate",
+            "0.001",
+            "--batch_size",
+            "2",
+            "--num_workers",
+            "0",
+            "--max_epochs",
+            "1",
+            "--val_interval",
+            "100",
+            "--train#cases",
+            "$scripts.learn2reg.training_cases(@dataset_dir, @num_val, exclude_val=False)[:4]",
+            *VAL_ONE,
+        )
+    )
     moved = torch.load(tmp_path / "lr" / "checkpoint_epoch=1.pt", weights_only=True)["model"]
     assert any(not torch.equal(source[k], moved[k]) for k in source)
 
@@ -70,8 +136,20 @@ def test_checkpoint_of_another_architecture_is_refused(pretrained, tmp_path):
     tmp, _ = pretrained
     ckpt = tmp / "ckpt" / "checkpoint_epoch=1.pt"
     out = tmp_path / "out"
-    proc = bundle("--dataset_dir", str(SAMPLE), "--ckpt_dir", str(out), "--pretrained_ckpt", str(ckpt),
-                  "--channels", "[8, 16, 32, 64, 128]", "--max_epochs", "1", "--num_workers", "0")  # fmt: skip
+    proc = bundle(
+        "--dataset_dir",
+        str(SAMPLE),
+        "--ckpt_dir",
+        str(out),
+        "--pretrained_ckpt",
+        str(ckpt),
+        "--channels",
+        "[8, 16, 32, 64, 128]",
+        "--max_epochs",
+        "1",
+        "--num_workers",
+        "0",
+    )
     assert proc.returncode != 0
     assert f"{ckpt}: was saved from another architecture or task" in proc.stderr
     assert "tensors of another shape" in proc.stderr

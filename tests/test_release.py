@@ -30,11 +30,16 @@ META = json.loads((ROOT / "configs" / "metadata.json").read_text())
 BUNDLE_ID = release.bundle_id(META["name"])
 ZIP_NAME = f"{BUNDLE_ID}_v{META['version']}.zip"
 # No PYTHONPATH: a command run in the downloaded bundle must import that bundle's own scripts.
-ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1", "NO_PROXY": "127.0.0.1",
-       "no_proxy": "127.0.0.1"}
+ENV = {
+    **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    "OMP_NUM_THREADS": "1",
+    "NO_PROXY": "127.0.0.1",
+    "no_proxy": "127.0.0.1",
+}
 
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the real commands
+
 
 def run(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python <args>`` in ``cwd``; fails the test with its output on a non-zero exit."""
@@ -50,7 +55,7 @@ def serve(folder: Path):
     requested: list[str] = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):
+        def do_GET(self):  # noqa: N802 (the name http.server calls)
             requested.append(self.path)
             super().do_GET()
 
@@ -69,8 +74,9 @@ def serve(folder: Path):
 
 def tracked_release_paths() -> list[str]:
     """What git tracks under the release's top-level files and folders, sorted."""
-    out = subprocess.run(["git", "ls-files", "-z", "--", *release.INCLUDE], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--", *release.INCLUDE], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     return sorted(p for p in out.split("\0") if p)
 
 
@@ -88,11 +94,17 @@ def test_archive_is_reproducible_and_holds_only_the_tracked_bundle_files(tmp_pat
         infos = z.infolist()
         tracked = tracked_release_paths()
         assert [i.filename for i in infos] == [f"{BUNDLE_ID}/{p}" for p in tracked]  # sorted, one top folder
-        for info, rel in zip(infos, tracked):
+        for info, rel in zip(infos, tracked, strict=True):
             assert z.read(info) == (ROOT / rel).read_bytes(), rel
             assert info.date_time == release.DATE_TIME and not info.is_dir(), info
-    for needed in (*release.REQUIRED, "configs/logging.conf", "docs/README.md", "docs/data_license.txt",
-                   "scripts/__init__.py", "requirements.txt"):
+    for needed in (
+        *release.REQUIRED,
+        "configs/logging.conf",
+        "docs/README.md",
+        "docs/data_license.txt",
+        "scripts/__init__.py",
+        "requirements.txt",
+    ):
         assert needed in tracked, f"{needed} is missing from the release"
     # what must never be packed, though the working tree may hold it
     for rel in tracked:
@@ -142,14 +154,36 @@ def test_downloaded_release_registers_exactly_like_the_repository(tmp_path):
 
     downloads = tmp_path / "downloads"
     with serve(www) as (url, requested):
-        run("-m", "monai.bundle", "download", "--name", BUNDLE_ID, "--bundle_dir", str(downloads),
-            "--url", f"{url}/{Path(archive).name}", "--progress", "False", cwd=tmp_path)
+        run(
+            "-m",
+            "monai.bundle",
+            "download",
+            "--name",
+            BUNDLE_ID,
+            "--bundle_dir",
+            str(downloads),
+            "--url",
+            f"{url}/{Path(archive).name}",
+            "--progress",
+            "False",
+            cwd=tmp_path,
+        )
         bundle = downloads / BUNDLE_ID
         assert (bundle / "models" / "model.pt").read_bytes() == (ROOT / "models" / "model.pt").read_bytes()
         # the Model Zoo's own flow: a bundle folder without its weights, which come from their URL
         (bundle / "models" / "model.pt").unlink()
-        fetched = run("-m", "scripts.weights", "download", "--path", "models/model.pt", "--large_files",
-                      str(ROOT / "large_files.yml"), "--url_override", f"{url}/{hosted_name}", cwd=bundle)
+        fetched = run(
+            "-m",
+            "scripts.weights",
+            "download",
+            "--path",
+            "models/model.pt",
+            "--large_files",
+            str(ROOT / "large_files.yml"),
+            "--url_override",
+            f"{url}/{hosted_name}",
+            cwd=bundle,
+        )
         assert "models/model.pt: downloaded (sha256 verified)" in fetched.stdout, fetched.stdout
     assert requested == [f"/{Path(archive).name}", f"/{hosted_name}"], requested
 
@@ -160,8 +194,20 @@ def test_downloaded_release_registers_exactly_like_the_repository(tmp_path):
     outputs = {}
     for name, folder in (("downloaded", bundle), ("repository", ROOT)):
         outputs[name] = tmp_path / f"out_{name}"
-        run("-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--output_dir", str(outputs[name]),
-            "--figures", "False", "--pairs_selection", str(pairs_csv), cwd=folder)
+        run(
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "configs/inference.json",
+            "--output_dir",
+            str(outputs[name]),
+            "--figures",
+            "False",
+            "--pairs_selection",
+            str(pairs_csv),
+            cwd=folder,
+        )
 
     ours, theirs = _fields(outputs["downloaded"]), _fields(outputs["repository"])
     assert sorted(ours) == sorted(theirs) and any(n.startswith("disp_") for n in ours), (sorted(ours), sorted(theirs))

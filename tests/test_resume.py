@@ -23,15 +23,38 @@ CASES = 2  # iterations per epoch with batch 1
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the real commands
 
+
 def _args(tmp: Path, seed: int, *extra: str, workers: int = 0, epochs: int = EPOCHS) -> list[str]:
     return [
-        sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json",
-        "--dataset_dir", str(SAMPLE), "--ckpt_dir", str(tmp / "ckpt"), "--log_dir", str(tmp / "logs"),
-        "--channels", "[4, 8, 16, 32, 64]", "--batch_size", "1", "--num_workers", str(workers),
-        "--max_epochs", str(epochs), "--val_interval", "1000", "--seed", str(seed),
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/train.json",
+        "--dataset_dir",
+        str(SAMPLE),
+        "--ckpt_dir",
+        str(tmp / "ckpt"),
+        "--log_dir",
+        str(tmp / "logs"),
+        "--channels",
+        "[4, 8, 16, 32, 64]",
+        "--batch_size",
+        "1",
+        "--num_workers",
+        str(workers),
+        "--max_epochs",
+        str(epochs),
+        "--val_interval",
+        "1000",
+        "--seed",
+        str(seed),
         # The sample cases are all validation cases: train on 3 of them here.
-        "--train#cases", f"$scripts.learn2reg.training_cases(@dataset_dir, @num_val, exclude_val=False)[:{CASES}]",
-        "--validate#pairs", "$scripts.learn2reg.pairs(@dataset_dir, 'registration_val', @num_val)[:1]",
+        "--train#cases",
+        f"$scripts.learn2reg.training_cases(@dataset_dir, @num_val, exclude_val=False)[:{CASES}]",
+        "--validate#pairs",
+        "$scripts.learn2reg.pairs(@dataset_dir, 'registration_val', @num_val)[:1]",
         *extra,
     ]
 
@@ -57,7 +80,9 @@ def _assert_identical(a: dict, b: dict, what: str, epochs: int = EPOCHS) -> None
     differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
     assert not differ, f"{what}: {len(differ)} of {len(a['model'])} tensors differ, e.g. {differ[:3]}"
     # Adam's moments too: the resumed run continues exactly where the other one was.
-    for (i, sa), (j, sb) in zip(sorted(a["optimizer"]["state"].items()), sorted(b["optimizer"]["state"].items())):
+    for (i, sa), (j, sb) in zip(
+        sorted(a["optimizer"]["state"].items()), sorted(b["optimizer"]["state"].items()), strict=True
+    ):
         assert i == j and all(torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])) for k in sa), what
     assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == epochs * CASES
 
@@ -65,8 +90,9 @@ def _assert_identical(a: dict, b: dict, what: str, epochs: int = EPOCHS) -> None
 def _run_and_kill_in_epoch_2(tmp: Path, seed: int) -> str:
     """Starts training, SIGKILLs it once epoch 2 has run an iteration (checkpoint_epoch=1.pt
     written, epoch 2 not finished). Returns the output so far."""
-    proc = subprocess.Popen(_args(tmp, seed), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=ENV)
+    proc = subprocess.Popen(
+        _args(tmp, seed), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV
+    )
     lines: list[str] = []
     reached = threading.Event()
 
@@ -118,6 +144,12 @@ def test_resume_is_exact_with_dataloader_workers(tmp_path):
     checkpoint of epoch 1 in another folder is the state a SIGKILL in epoch 2 leaves."""
     seed = 11
     whole = _train(tmp_path / "whole", seed, "--keep_checkpoints", "2", workers=1, epochs=2)
-    resumed = _train(tmp_path / "parts", seed, "--resume_ckpt", str(tmp_path / "whole" / "ckpt" / "checkpoint_epoch=1.pt"),
-                     workers=1, epochs=2)
+    resumed = _train(
+        tmp_path / "parts",
+        seed,
+        "--resume_ckpt",
+        str(tmp_path / "whole" / "ckpt" / "checkpoint_epoch=1.pt"),
+        workers=1,
+        epochs=2,
+    )
     _assert_identical(whole, resumed, "num_workers=1: epoch 1 + --resume_ckpt vs 2 uninterrupted epochs", epochs=2)

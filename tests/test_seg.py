@@ -22,12 +22,7 @@ from tests.test_cohorts import A_CT, A_IDS, A_LAB, CT
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not CT.is_dir(), reason=f"needs {CT} (BUNDLE_TEST_DATA)")]
 SMALL = ["--seg_channels", "[4, 8, 16, 32, 64]", "--patch_size", "[48, 48, 48]"]
 ORGAN = {o: i + 1 for i, o in enumerate(ORGANS)}
-A_ANNOTATED = {
-    "1": "spleen",
-    "2": "right_kidney",
-    "3": "left_kidney",
-    "6": "liver",
-}  # the rest dropped
+A_ANNOTATED = {"1": "spleen", "2": "right_kidney", "3": "left_kidney", "6": "liver"}  # the rest dropped
 B_IDS = {
     "1": None,
     "6": "liver",
@@ -48,25 +43,13 @@ def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("seg")
     image = ct_pair.read_image(str(CT / "subject_b" / "dicom"))
     itk.imwrite(image, str(tmp / "b_ct.nii.gz"))
-    itk.imwrite(
-        ct_pair.read_label(str(CT / "subject_b" / "labels_l2r.nii.gz"), image),
-        str(tmp / "b_labels.nii.gz"),
-    )
+    itk.imwrite(ct_pair.read_label(str(CT / "subject_b" / "labels_l2r.nii.gz"), image), str(tmp / "b_labels.nii.gz"))
     a_labels = {k: A_ANNOTATED.get(k) for k in A_IDS}
     cohorts = [
-        {
-            "name": "a",
-            "data": [{"image": str(A_CT), "label": str(A_LAB)}],
-            "labels": a_labels,
-        },
+        {"name": "a", "data": [{"image": str(A_CT), "label": str(A_LAB)}], "labels": a_labels},
         {
             "name": "b",
-            "data": [
-                {
-                    "image": str(tmp / "b_ct.nii.gz"),
-                    "label": str(tmp / "b_labels.nii.gz"),
-                }
-            ],
+            "data": [{"image": str(tmp / "b_ct.nii.gz"), "label": str(tmp / "b_labels.nii.gz")}],
             "labels": B_IDS,
         },
     ]
@@ -91,13 +74,7 @@ def test_seg_train_few_steps(trained):
     assert [e for e, _ in dice] == ["2"] and 0 <= float(dice[0][1]) <= 1
     assert (model.parent / "seg_model_best.pt").is_file()
     net = UNet(
-        3,
-        1,
-        len(ORGANS) + 1,
-        channels=(4, 8, 16, 32, 64),
-        strides=(2, 2, 2, 2),
-        num_res_units=2,
-        norm="instance",
+        3, 1, len(ORGANS) + 1, channels=(4, 8, 16, 32, 64), strides=(2, 2, 2, 2), num_res_units=2, norm="instance"
     )
     load_pretrained(net, str(model))  # every tensor, right shapes: background + 11 organs
     assert all(torch.isfinite(v).all() for v in net.state_dict().values())
@@ -110,16 +87,9 @@ def test_seg_inference_label_maps_on_each_scans_grid(trained, data, tmp_path):
     index = json.loads((tmp_path / "dataset.json").read_text())
     by_cohort = load_cohorts(str(tmp_path / "cohorts.json"))  # ready for pretrain.json --cohorts
     assert [(c["name"], len(cohort_cases(c))) for c in by_cohort] == [("a", 1), ("b", 1)]
-    assert [e["image"] for e in index["training"]] == [
-        str(A_CT),
-        str(data / "b_ct.nii.gz"),
-    ]
+    assert [e["image"] for e in index["training"]] == [str(A_CT), str(data / "b_ct.nii.gz")]
     for entry, truth, annotated in (
-        (
-            index["training"][0],
-            {ORGAN["liver"]: 6, ORGAN["spleen"]: 1, ORGAN["right_kidney"]: 2},
-            A_ANNOTATED.values(),
-        ),
+        (index["training"][0], {ORGAN["liver"]: 6, ORGAN["spleen"]: 1, ORGAN["right_kidney"]: 2}, A_ANNOTATED.values()),
         (
             index["training"][1],
             {ORGAN["liver"]: 6, ORGAN["stomach"]: 7, ORGAN["aorta"]: 8},
@@ -133,14 +103,8 @@ def test_seg_inference_label_maps_on_each_scans_grid(trained, data, tmp_path):
         seg = np.asarray(out.dataobj)
         assert seg.shape == image.shape and np.allclose(out.affine, image.affine, atol=1e-4)  # the CT's own grid
         assert set(np.unique(seg)) <= set(range(len(ORGANS) + 1))
-        for (
-            organ,
-            file_id,
-        ) in truth.items():  # ground-truth organs kept exactly, nowhere else
-            assert np.array_equal(seg == organ, gt == file_id), (
-                entry["image"],
-                ORGANS[organ - 1],
-            )
+        for organ, file_id in truth.items():  # ground-truth organs kept exactly, nowhere else
+            assert np.array_equal(seg == organ, gt == file_id), (entry["image"], ORGANS[organ - 1])
         annotated_ids = [ORGAN[o] for o in annotated]
         assert np.isin(seg[gt == 0], annotated_ids).sum() == 0
     assert not list(tmp_path.parent.glob(f".tmp-*-{tmp_path.name}"))  # the staging folder became tmp_path

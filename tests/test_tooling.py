@@ -21,6 +21,7 @@ SAMPLE = ROOT / "sample_data" / "HippocampusMR"
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the real commands
 
+
 def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
@@ -46,8 +47,18 @@ def _config_network(channels=None):
 
 
 def test_verify_net_in_out_passes():
-    proc = ok(run("-m", "monai.bundle", "verify_net_in_out", "network_def",
-                  "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"))
+    proc = ok(
+        run(
+            "-m",
+            "monai.bundle",
+            "verify_net_in_out",
+            "network_def",
+            "--meta_file",
+            "configs/metadata.json",
+            "--config_file",
+            "configs/inference.json",
+        )
+    )
     assert "verified with no error" in proc.stdout + proc.stderr
 
 
@@ -61,8 +72,24 @@ def test_ckpt_export_torchscript_matches_eager_and_runs_inference_alone(tmp_path
     torch.save(net.state_dict(), state)
     ts = tmp_path / "model.ts"
     # scripted, the Model Zoo's default (tests/test_networks.py also checks tracing)
-    ok(run("-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(state),
-           "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", "--key_in_ckpt", ""))
+    ok(
+        run(
+            "-m",
+            "monai.bundle",
+            "ckpt_export",
+            "network_def",
+            "--filepath",
+            str(ts),
+            "--ckpt_file",
+            str(state),
+            "--meta_file",
+            "configs/metadata.json",
+            "--config_file",
+            "configs/inference.json",
+            "--key_in_ckpt",
+            "",
+        )
+    )
 
     # A real sample pair, preprocessed as inference does.
     pair = json.loads((SAMPLE / "HippocampusMR_dataset.json").read_text())["registration_val"][0]
@@ -83,9 +110,23 @@ def test_ckpt_export_torchscript_matches_eager_and_runs_inference_alone(tmp_path
     # Inference from model.ts alone: the network replaced by the TorchScript file, no checkpoint, the .pt deleted.
     state.unlink()
     out = tmp_path / "out"
-    ok(run("-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-           "--network_def", f"$torch.jit.load('{ts}', map_location=@device)", "--ckpt_path", "",
-           "--output_dir", str(out), "--figures", "False"))
+    ok(
+        run(
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "configs/inference.json",
+            "--network_def",
+            f"$torch.jit.load('{ts}', map_location=@device)",  # noqa: B907 (a config expression)
+            "--ckpt_path",
+            "",
+            "--output_dir",
+            str(out),
+            "--figures",
+            "False",
+        )
+    )
     f_id, m_id = Path(pair["fixed"]).name[14:18], Path(pair["moving"]).name[14:18]
     disp = np.asarray(nib.load(out / f"disp_{f_id}_0000_{m_id}_0000.nii.gz").dataobj)
     # 1e-3 voxel: inference runs the weights in channels_last_3d order (another summation order)

@@ -101,7 +101,9 @@ def _padded(shape, target, seed):
 
     affine = torch.diag(torch.tensor([1.0, 2.0, 3.0, 1.0], dtype=torch.float64))
     affine[:3, 3] = torch.tensor([10.0, -20.0, 30.0], dtype=torch.float64)
-    img = MetaTensor(torch.as_tensor(smooth_volume(shape, seed=seed))[None], affine=affine, meta={"filename_or_obj": f"img{seed}"})
+    img = MetaTensor(
+        torch.as_tensor(smooth_volume(shape, seed=seed))[None], affine=affine, meta={"filename_or_obj": f"img{seed}"}
+    )
     pad = Compose([SpatialPadd("image", target), DivisiblePadd("image", 16)])
     return pad({"image": img})["image"], affine
 
@@ -131,7 +133,14 @@ def test_to_image_grid_crops_back_and_re_expresses_fields_in_the_other_images_vo
     u_pad = torch.randn(3, *fixed.shape[1:])
     warped = torch.randn(1, *fixed.shape[1:])
     out = ToImageGridd(images=["warped_image"], fields=["ddf"])(
-        {"ddf": u_pad, "warped_image": warped, "fixed_image": fixed, "moving_image": moving, "fixed_id": "0001", "moving_id": "0002"}
+        {
+            "ddf": u_pad,
+            "warped_image": warped,
+            "fixed_image": fixed,
+            "moving_image": moving,
+            "fixed_id": "0001",
+            "moving_id": "0002",
+        }
     )
     off_f, off_m = torch.tensor([14, 6, 12]), torch.tensor([11, 8, 17])
     u_raw, w_raw = out["ddf"], out["warped_image"]
@@ -151,7 +160,9 @@ def test_to_image_grid_leaves_unpadded_pairs_and_missing_keys_alone():
 
     fixed = MetaTensor(torch.rand(1, 16, 16, 16))
     u = torch.randn(3, 16, 16, 16)
-    out = ToImageGridd(fields=["ddf", "ddf_fixed_to_moving"])({"ddf": u, "fixed_image": fixed, "moving_image": fixed.clone()})
+    out = ToImageGridd(fields=["ddf", "ddf_fixed_to_moving"])(
+        {"ddf": u, "fixed_image": fixed, "moving_image": fixed.clone()}
+    )
     assert torch.equal(out["ddf"].as_tensor(), u) and "ddf_fixed_to_moving" not in out
 
 
@@ -163,4 +174,6 @@ def test_to_image_grid_refuses_what_cropping_cannot_undo():
     img = MetaTensor(torch.rand(1, 8, 8, 8), meta={"filename_or_obj": "resampled.nii.gz"})
     resampled = Spacingd("image", pixdim=(2.0, 2.0, 2.0))({"image": img})["image"]
     with pytest.raises(ValueError, match="resampled.nii.gz: SpatialResample cannot be undone by cropping"):
-        ToImageGridd(fields=["ddf"])({"ddf": torch.zeros(3, 4, 4, 4), "fixed_image": resampled, "moving_image": resampled})
+        ToImageGridd(fields=["ddf"])(
+            {"ddf": torch.zeros(3, 4, 4, 4), "fixed_image": resampled, "moving_image": resampled}
+        )

@@ -12,9 +12,12 @@ def _pair(shape=(16, 20, 24)):
     fixed, moving = smooth_volume(shape, seed=1), smooth_volume(shape, seed=2)
     label = (fixed > 0.5).astype(np.int64)
     return {
-        "fixed_id": "0201", "moving_id": "0260",
-        "moving_image": torch.from_numpy(moving)[None], "fixed_image": torch.from_numpy(fixed)[None],
-        "warped_image": torch.from_numpy(moving)[None], "ddf": torch.zeros(3, *shape),
+        "fixed_id": "0201",
+        "moving_id": "0260",
+        "moving_image": torch.from_numpy(moving)[None],
+        "fixed_image": torch.from_numpy(fixed)[None],
+        "warped_image": torch.from_numpy(moving)[None],
+        "ddf": torch.zeros(3, *shape),
         "label": torch.nn.functional.one_hot(torch.from_numpy(label), 3).permute(3, 0, 1, 2),
         "warped_label": torch.from_numpy(label)[None],
     }

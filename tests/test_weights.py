@@ -53,7 +53,7 @@ def server(tmp_path):
     closing = threading.Event()
 
     class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):
+        def do_GET(self):  # noqa: N802 (the name http.server calls)
             requested.append(self.path)
             try:
                 if self.path == "/trickle":
@@ -71,7 +71,7 @@ def server(tmp_path):
                     if self.path == "/stall":
                         closing.wait(20)
                 elif self.path.startswith("/no_length/"):
-                    body = (www / self.path[len("/no_length/"):]).read_bytes()
+                    body = (www / self.path[len("/no_length/") :]).read_bytes()
                     self.send_response(200)
                     self.end_headers()
                     self.wfile.write(body)
@@ -84,7 +84,7 @@ def server(tmp_path):
             for i in range(len(data)):
                 if closing.wait(TRICKLE_DELAY):
                     return
-                self.wfile.write(data[i:i + 1])
+                self.wfile.write(data[i : i + 1])
 
         def log_message(self, *args):
             pass
@@ -215,9 +215,9 @@ def test_good_file_is_fetched_verified_and_not_fetched_again(tmp_path, server, u
     data = _payload()
     (www / "model.pt").write_bytes(data)
     (www / "model.ts").write_bytes(data[::-1])
-    root = _bundle_with(tmp_path, [
-        _entry(f"{base}/model.pt", data), _entry(f"{base}/model.ts", data[::-1], "models/model.ts"),
-    ])
+    root = _bundle_with(
+        tmp_path, [_entry(f"{base}/model.pt", data), _entry(f"{base}/model.ts", data[::-1], "models/model.ts")]
+    )
     assert weights.download(bundle_root=str(root)) == {"models/model.pt": "downloaded", "models/model.ts": "downloaded"}
     assert (root / "models" / "model.pt").read_bytes() == data
     assert (root / "models" / "model.ts").read_bytes() == data[::-1]
@@ -287,10 +287,13 @@ def test_a_trickling_server_is_stopped_by_the_deadline(tmp_path, server, phase):
     assert _leftovers(root / "models") == ["model.pt"], "temporary file left behind"
 
 
-@pytest.mark.parametrize("path, problem", [
-    ("/stall", "failed: no data for --timeout 1 seconds"),
-    ("/short", "incomplete: the connection closed after 10 of 200 bytes"),
-])
+@pytest.mark.parametrize(
+    "path, problem",
+    [
+        ("/stall", "failed: no data for --timeout 1 seconds"),
+        ("/short", "incomplete: the connection closed after 10 of 200 bytes"),
+    ],
+)
 def test_a_stalled_or_short_download_is_refused(tmp_path, server, path, problem):
     base, _, _ = server
     root = _bundle_with(tmp_path, [_entry(base + path, b"x" * TRICKLE_BYTES)])
@@ -325,8 +328,12 @@ def test_a_killed_download_leaves_a_temporary_file_the_next_download_removes(tmp
     data = _payload()
     (www / "model.pt").write_bytes(data)
     root = _bundle_with(tmp_path, [_entry(f"{base}/trickle", data)])
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.weights", "download", "--bundle_root", str(root)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scripts.weights", "download", "--bundle_root", str(root)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while not any(n.startswith(f".tmp-{proc.pid}-") for n in os.listdir(root / "models")):
@@ -337,17 +344,21 @@ def test_a_killed_download_leaves_a_temporary_file_the_next_download_removes(tmp
         proc.wait()
     assert [n for n in _leftovers(root / "models") if n.startswith(f".tmp-{proc.pid}-")], "nothing left to clean"
     assert weights.download(bundle_root=str(root), url_override=f"{base}/model.pt", path="models/model.pt") == {
-        "models/model.pt": "downloaded"}
+        "models/model.pt": "downloaded"
+    }
     assert _leftovers(root / "models") == ["model.pt"]
 
 
 def test_every_hash_is_checked_before_anything_is_downloaded(tmp_path, server):
     base, www, requested = server
     (www / "model.pt").write_bytes(_payload())
-    root = _bundle_with(tmp_path, [
-        _entry(f"{base}/model.pt", _payload()),
-        {"path": "models/model.ts", "url": f"{base}/model.ts", "hash_val": "", "hash_type": "sha256"},
-    ])
+    root = _bundle_with(
+        tmp_path,
+        [
+            _entry(f"{base}/model.pt", _payload()),
+            {"path": "models/model.ts", "url": f"{base}/model.ts", "hash_val": "", "hash_type": "sha256"},
+        ],
+    )
     with pytest.raises(weights.WeightsError, match="models/model.ts: .*unverified"):
         weights.download(bundle_root=str(root))
     assert requested == [] and _leftovers(root / "models") == []
@@ -367,10 +378,14 @@ def test_bad_index_or_destination_is_refused_before_any_request(tmp_path, server
         ("large_files: [", f"{index}: not a readable YAML file"),
         ("files: []", f"{index}: needs a non-empty 'large_files' list"),
         (yaml.safe_dump({"large_files": [{"path": "models/model.pt"}]}), f"{index}: entry 0 needs 'path' and 'url'"),
-        (yaml.safe_dump({"large_files": [_entry(f"{base}/model.pt", data, "../model.pt")]}),
-         f"{index}: entry 0 path '../model.pt' must stay inside the bundle"),
-        (yaml.safe_dump({"large_files": [{**_entry(f"{base}/model.pt", data), "hash_type": "md5"}]}),
-         "models/model.pt: hash_type 'md5' is not supported (use sha256)"),
+        (
+            yaml.safe_dump({"large_files": [_entry(f"{base}/model.pt", data, "../model.pt")]}),
+            f"{index}: entry 0 path '../model.pt' must stay inside the bundle",
+        ),
+        (
+            yaml.safe_dump({"large_files": [{**_entry(f"{base}/model.pt", data), "hash_type": "md5"}]}),
+            "models/model.pt: hash_type 'md5' is not supported (use sha256)",
+        ),
     ]
     for text, message in cases:
         index.write_text(text)
@@ -394,10 +409,13 @@ def test_cli_download_url_override_hash_and_errors(tmp_path, server, capsys):
     base, www, _ = server
     data = _payload(2)
     (www / "mirror.pt").write_bytes(data)
-    root = _bundle_with(tmp_path, [
-        _entry(f"{base}/gone.pt", data),
-        {"path": "models/model.ts", "url": f"{base}/gone.ts", "hash_val": "", "hash_type": "sha256"},
-    ])
+    root = _bundle_with(
+        tmp_path,
+        [
+            _entry(f"{base}/gone.pt", data),
+            {"path": "models/model.ts", "url": f"{base}/gone.ts", "hash_val": "", "hash_type": "sha256"},
+        ],
+    )
 
     def cli(*args: str) -> tuple[int, str, str]:
         code = weights.main(list(args))
@@ -409,8 +427,9 @@ def test_cli_download_url_override_hash_and_errors(tmp_path, server, capsys):
     assert proc.returncode == 1 and f"{base}/gone.pt" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     # A mirror with the same content: accepted (the hash still comes from large_files.yml).
-    code, out, err = cli("download", "--path", "models/model.pt", "--url_override", f"{base}/mirror.pt",
-                         "--bundle_root", str(root))
+    code, out, err = cli(
+        "download", "--path", "models/model.pt", "--url_override", f"{base}/mirror.pt", "--bundle_root", str(root)
+    )
     assert code == 0 and "models/model.pt: downloaded" in out, err
     assert (root / "models" / "model.pt").read_bytes() == data
     # An entry without hash_val is never installed.
@@ -446,8 +465,9 @@ class _RunsCodeWhenUnpickled:
 
 
 def _small_net(**kw) -> SpatialGradientRegNet:
-    return SpatialGradientRegNet(**{"channels": (4, 8), "encoder_convs": (1,), "decoder_convs": (1,),
-                                    "deep_supervision": False, **kw})
+    return SpatialGradientRegNet(
+        **{"channels": (4, 8), "encoder_convs": (1,), "decoder_convs": (1,), "deep_supervision": False, **kw}
+    )
 
 
 def _write_bad(path: Path, kind: str, marker: Path) -> None:
@@ -571,8 +591,17 @@ def test_missing_checkpoint_stops_the_ct_overlay_before_any_work(tmp_path):
     overlay.write_text(json.dumps({"initialize": init}))
     out = tmp_path / "out"
     configs = ["configs/inference.json", "configs/abdomen_ct.json", str(overlay)]
-    proc = run("-m", "monai.bundle", "run", "--config_file", json.dumps(configs), "--output_dir", str(out),
-               "--dataset_dir", str(tmp_path / "no_data"))
+    proc = run(
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        json.dumps(configs),
+        "--output_dir",
+        str(out),
+        "--dataset_dir",
+        str(tmp_path / "no_data"),
+    )
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if "checkpoint not found" in line]
     assert lines == [
@@ -591,8 +620,17 @@ def test_inference_refuses_a_pickled_object_or_truncated_checkpoint(tmp_path, wh
     ckpt = tmp_path / "evil.pt"
     _write_bad(ckpt, what, marker)
     out = tmp_path / "out"
-    proc = run("-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-               "--ckpt_path", str(ckpt), "--output_dir", str(out))
+    proc = run(
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--ckpt_path",
+        str(ckpt),
+        "--output_dir",
+        str(out),
+    )
     assert proc.returncode != 0
     if what == "truncated_zip":
         expected = f"{ckpt}: not a PyTorch checkpoint: a truncated or corrupt zip archive"

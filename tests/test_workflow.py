@@ -29,7 +29,7 @@ def test_cosine_schedule_from_one_to_the_final_ratio():
     assert values[0] == pytest.approx(1.0)
     assert values[-1] == pytest.approx(0.01)
     assert values[5] == pytest.approx(0.01 + 0.99 * 0.5)  # half way: the mean of both ends
-    assert all(a > b for a, b in zip(values, values[1:]))
+    assert all(a > b for a, b in zip(values, values[1:], strict=False))
     assert f(20) == pytest.approx(0.01)  # past max_epochs it stays at the floor
     assert values[2] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.2)))
 
@@ -88,7 +88,11 @@ def test_train_step_in_supervised_trainer(with_labels):
         decollate=False,
     )
     events = []
-    for event in (IterationEvents.FORWARD_COMPLETED, IterationEvents.LOSS_COMPLETED, IterationEvents.BACKWARD_COMPLETED):
+    for event in (
+        IterationEvents.FORWARD_COMPLETED,
+        IterationEvents.LOSS_COMPLETED,
+        IterationEvents.BACKWARD_COMPLETED,
+    ):
         trainer.add_event_handler(event, lambda e, name=event.name: events.append(name))
     trainer.run()
     assert trainer.state.iteration == 2
@@ -109,10 +113,18 @@ def test_train_step_in_supervised_trainer(with_labels):
 def test_eval_step_with_mean_dice_is_one_at_identity():
     cases = image_cases(2)
     pairs = [
-        {"moving_image": cases[0]["image"], "fixed_image": cases[1]["image"], "moving_label": cases[0]["label"],
-         "fixed_label": cases[0]["label"].copy()},
-        {"moving_image": cases[1]["image"], "fixed_image": cases[0]["image"], "moving_label": cases[1]["label"],
-         "fixed_label": cases[1]["label"].copy()},
+        {
+            "moving_image": cases[0]["image"],
+            "fixed_image": cases[1]["image"],
+            "moving_label": cases[0]["label"],
+            "fixed_label": cases[0]["label"].copy(),
+        },
+        {
+            "moving_image": cases[1]["image"],
+            "fixed_image": cases[0]["image"],
+            "moving_label": cases[1]["label"],
+            "fixed_label": cases[1]["label"].copy(),
+        },
     ]
     loader = DataLoader(PairDataset(pairs, transform=lambda c: c), batch_size=2)
     evaluator = SupervisedEvaluator(
@@ -125,7 +137,7 @@ def test_eval_step_with_mean_dice_is_one_at_identity():
     evaluator.run()
     assert evaluator.state.metrics["dice"] == pytest.approx(1.0)
     # not trivially 1: with the other case's label map as the fixed labels it is lower
-    for p, other in zip(pairs, (cases[1], cases[0])):
+    for p, other in zip(pairs, (cases[1], cases[0]), strict=True):
         p["fixed_label"] = other["label"]
     evaluator.run()
     assert evaluator.state.metrics["dice"] < 0.9
@@ -164,8 +176,11 @@ def test_eval_step_fixed_to_moving_is_the_swapped_pair():
 def test_prepare_masked_gives_the_partial_label_loss_its_mask():
     from scripts.losses import PartialLabelDiceLoss
 
-    batch = {"image": torch.rand(2, 1, 8, 8, 8), "label": torch.randint(0, 3, (2, 1, 8, 8, 8)),
-             "mask": torch.tensor([[0, 1, 0], [0, 1, 1]], dtype=torch.float32)}
+    batch = {
+        "image": torch.rand(2, 1, 8, 8, 8),
+        "label": torch.randint(0, 3, (2, 1, 8, 8, 8)),
+        "mask": torch.tensor([[0, 1, 0], [0, 1, 1]], dtype=torch.float32),
+    }
     image, target = PrepareMasked()(batch, torch.device("cpu"))
     assert image.dtype == torch.float32 and set(target) == {"label", "mask"}
     logits = torch.randn(2, 3, 8, 8, 8)

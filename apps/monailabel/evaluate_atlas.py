@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.realpath(__file__))
 BUNDLE = os.path.realpath(os.path.join(HERE, "..", ".."))
 sys.path.insert(0, HERE)
 
-from lib.infers import AtlasRegistration
+from lib.infers import AtlasRegistration  # noqa: E402 (after the sys.path entry)
 
 LABELS = (1, 2)
 
@@ -104,7 +104,9 @@ def main(argv=None) -> int:
         summary[f"1 atlas ({atlas_ids[0]}: num_atlases 1), {tag}"] = stats([r[f"first_{tag}"] for r in rows])
         summary[f"{len(atlas_ids)} atlases, majority vote, {tag}"] = stats([r[f"all_{tag}"]["mean"] for r in rows])
         for k in LABELS:
-            summary[f"{len(atlas_ids)} atlases, majority vote, {tag}, label {k}"] = stats([r[f"all_{tag}"][k] for r in rows])
+            summary[f"{len(atlas_ids)} atlases, majority vote, {tag}, label {k}"] = stats(
+                [r[f"all_{tag}"][k] for r in rows]
+            )
     print(f"\n{len(rows)} cases, Dice (mean over labels 1, 2) on the image grid; {time.time() - start:.0f} s")
     print(f"| {'setting':<58} | mean | std | 30th pct |\n|{'-' * 60}|---|---|---|")
     for name, s in summary.items():
@@ -112,8 +114,18 @@ def main(argv=None) -> int:
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
-        json.dump({"msd_dir": os.path.abspath(args.msd_dir), "num_val": args.num_val, "atlases": atlas_ids,
-                   "cases": [r["id"] for r in rows], "summary": summary, "per_case": rows}, f, indent=1)
+        json.dump(
+            {
+                "msd_dir": os.path.abspath(args.msd_dir),
+                "num_val": args.num_val,
+                "atlases": atlas_ids,
+                "cases": [r["id"] for r in rows],
+                "summary": summary,
+                "per_case": rows,
+            },
+            f,
+            indent=1,
+        )
     print(f"written {args.output}")
     return 0
 

@@ -81,8 +81,7 @@ class MyApp(MONAILabelApp):
                 ids = store.list_images()
                 shown = ", ".join(sorted(ids)[:10]) + (", ..." if len(ids) > 10 else "")
                 raise HTTPException(
-                    status_code=404,
-                    detail=f"image '{image}' is not in the datastore ({len(ids)} images: {shown})",
+                    status_code=404, detail=f"image {image!r} is not in the datastore ({len(ids)} images: {shown})"
                 )
         try:
             return super().infer(request, datastore)

@@ -42,7 +42,7 @@ def main(pairs_file: str, out_dir: str) -> None:
             for c in grid
         ]
         # a voxel sampled outside the moving grid reads -1: a coordinate outside it, as it should be
-        disp = np.stack([s - c for s, c in zip(sampled, grid)], -1).astype(np.float32)
+        disp = np.stack([s - c for s, c in zip(sampled, grid, strict=True)], -1).astype(np.float32)
         affine = nib.load(p["fixed_image"]).affine
         name = f"disp_{p['fixed_id']}_0000_{p['moving_id']}_0000.nii.gz"
         nib.save(nib.Nifti1Image(disp, affine), os.path.join(out_dir, name))

@@ -93,14 +93,16 @@ class CheckHippocampusMRd:
       -50 HU passes this check: it is a guard against the wrong kind of image, not a classifier.
     """
 
-    def __init__(self, spatial_size: Sequence[int], key: str = "image", ct_threshold: float = -50.0, ct_fraction: float = 0.01) -> None:
+    def __init__(
+        self, spatial_size: Sequence[int], key: str = "image", ct_threshold: float = -50.0, ct_fraction: float = 0.01
+    ) -> None:
         self.spatial_size = [int(s) for s in spatial_size]
         self.key, self.ct_threshold, self.ct_fraction = key, float(ct_threshold), float(ct_fraction)
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         image = data[self.key]
         shape = [int(s) for s in image.shape[1:]]
-        if any(s > m for s, m in zip(shape, self.spatial_size)):
+        if any(s > m for s, m in zip(shape, self.spatial_size, strict=True)):
             raise InvalidRequestError(
                 f"image of {'x'.join(map(str, shape))} voxels is larger than the "
                 f"{'x'.join(map(str, self.spatial_size))} field of view of the registration network: this task "
@@ -184,7 +186,9 @@ class AtlasRegistration(BasicInferTask):
         label_def = metadata["network_data_format"]["outputs"]["pred"]["label_def"]
         self.num_labels = len(label_def)
         # MONAI Label wants {name: value}, background left out
-        labels = {name: int(value) for value, name in sorted(label_def.items(), key=lambda kv: int(kv[0])) if int(value) != 0}
+        labels = {
+            name: int(value) for value, name in sorted(label_def.items(), key=lambda kv: int(kv[0])) if int(value) != 0
+        }
 
         with self._bundle_on_path():
             network = self.bundle_config.get_parsed_content("network_def", instantiate=True)
@@ -251,7 +255,9 @@ class AtlasRegistration(BasicInferTask):
     def _atlas_ids(self, value: Any) -> list[str]:
         ids = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
         if not isinstance(ids, (list, tuple)) or not ids or not all(isinstance(i, str) and i for i in ids):
-            raise InvalidRequestError(f"atlases must be a list of atlas ids (or one comma-separated string), got {value!r}")
+            raise InvalidRequestError(
+                f"atlases must be a list of atlas ids (or one comma-separated string), got {value!r}"
+            )
         known = [c["id"] for c in self.atlas_cases]
         unknown = [i for i in ids if i not in known]
         if unknown:
@@ -343,7 +349,9 @@ class AtlasRegistration(BasicInferTask):
                 warped.append(self._deformation.warp_labels_nearest(atlas["label"], ddf)[0, 0])
         vote = majority_vote(warped, self.num_labels).to(torch.uint8)[None].cpu()
         # the image's metadata and applied operations, so that the bundle's padding can be inverted
-        pred = MetaTensor(vote, meta=copy.deepcopy(fixed.meta), applied_operations=copy.deepcopy(fixed.applied_operations))
+        pred = MetaTensor(
+            vote, meta=copy.deepcopy(fixed.meta), applied_operations=copy.deepcopy(fixed.applied_operations)
+        )
         data[self.output_label_key] = pred
         data[self.output_json_key] = {
             "atlases": [a["id"] for a in atlases],
