@@ -219,12 +219,6 @@ def test_downloaded_release_registers_exactly_like_the_repository(tmp_path):
     assert manifests[0]["checkpoint"]["sha256"] == manifests[1]["checkpoint"]["sha256"] == weights["hash_val"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="large_files.yml still names v0.1.0 in its URLs and models/model.ts (not shipped) has no hash: "
-    "updated by the maintainer once the final weights are hosted (issue 14)",
-)
 def test_large_files_name_the_current_version_and_hash_their_files():
     entries = yaml.safe_load((ROOT / "large_files.yml").read_text())["large_files"]
     problems = []
@@ -236,3 +230,24 @@ def test_large_files_name_the_current_version_and_hash_their_files():
         if entry.get("hash_type") != "sha256" or entry.get("hash_val") != actual:
             problems.append(f"{entry['path']}: hash_val {entry.get('hash_val')!r}, file sha256 {actual}")
     assert not problems, "large_files.yml: " + "; ".join(problems)
+
+
+def test_shipped_torchscript_is_the_shipped_checkpoint_of_this_version():
+    """models/model.ts must be models/model.pt exported (re-export after changing either: docs/tooling.md)
+    with this release's metadata: same DDF on a real pair's size, and the embedded version is this one."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    extra = {"metadata.json": "", "inference.json": ""}
+    scripted = torch.jit.load(str(ROOT / "models" / "model.ts"), map_location="cpu", _extra_files=extra)
+    assert json.loads(extra["metadata.json"])["version"] == META["version"], "model.ts exported with another version"
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "inference.json"))
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(ROOT / "models" / "model.pt", map_location="cpu", weights_only=True))
+    net.eval()
+    image = torch.rand(1, 2, 48, 64, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager, exported = net(image), scripted(image)
+    assert eager.abs().max() > 0.05, "the comparison would be vacuous"
+    assert (eager - exported).abs().max() <= 1e-4

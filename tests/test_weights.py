@@ -152,31 +152,24 @@ def test_shipped_large_files_yml_lists_every_weight_file_in_model_zoo_format():
 def test_monai_download_large_files_reads_a_copy_of_the_shipped_index(tmp_path, server):
     """The shipped large_files.yml, its URLs pointed at the local server, is read by MONAI's own
     ``python -m monai.bundle download_large_files --bundle_path`` and by ``scripts.weights download``;
-    both install the shipped models/model.pt, whose sha256 is the listed one."""
+    both install every shipped weight file (models/model.pt, models/model.ts) with its listed sha256."""
     base, www, _ = server
     index = yaml.safe_load((ROOT / "large_files.yml").read_text())
-    unhashed = [e["path"] for e in index["large_files"] if not e["hash_val"]]
+    assert all(e["hash_val"] for e in index["large_files"]), "every released file has its hash"
     for entry in index["large_files"]:
         name = os.path.basename(entry["path"])
         entry["url"] = f"{base}/{name}"
-        if entry["hash_val"]:
-            shutil.copy(ROOT / entry["path"], www / name)
-        else:  # not released yet (models/model.ts until it is exported)
-            (www / name).write_bytes(b"not released yet")
+        shutil.copy(ROOT / entry["path"], www / name)
     for name in ("monai", "ours"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "large_files.yml").write_text(yaml.safe_dump(index))
     ok(run("-m", "monai.bundle", "download_large_files", "--bundle_path", str(tmp_path / "monai")))
-    shipped = (ROOT / "models" / "model.pt").read_bytes()
-    assert (tmp_path / "monai" / "models" / "model.pt").read_bytes() == shipped
-    ours = weights.download(path="models/model.pt", bundle_root=str(tmp_path / "ours"))
-    assert ours == {"models/model.pt": "downloaded"}
-    assert (tmp_path / "ours" / "models" / "model.pt").read_bytes() == shipped
-    # MONAI installs an entry whose hash_val is still empty without any check; ours refuses it.
-    for path in unhashed:
-        assert (tmp_path / "monai" / path).read_bytes() == b"not released yet"
-        with pytest.raises(weights.WeightsError, match=f"{path}: .*unverified"):
-            weights.download(path=path, bundle_root=str(tmp_path / "ours"))
+    ours = weights.download(bundle_root=str(tmp_path / "ours"))
+    assert ours == {e["path"]: "downloaded" for e in index["large_files"]}
+    for entry in index["large_files"]:
+        shipped = (ROOT / entry["path"]).read_bytes()
+        assert (tmp_path / "monai" / entry["path"]).read_bytes() == shipped
+        assert (tmp_path / "ours" / entry["path"]).read_bytes() == shipped
 
 
 def test_monai_download_large_files_gaps_listed_in_the_docs(tmp_path, server):
