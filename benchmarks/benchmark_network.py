@@ -3,8 +3,9 @@
 Each case runs in a fresh subprocess, so one case's peak memory cannot mask another's
 (``ru_maxrss`` only ever grows). Prints a Markdown table; ``--json`` also writes the numbers.
 
-Cases are ``MODE:HxWxD:C[:B]``: MODE ``eval`` (the exported path: no_grad, one direction, DDF out)
-or ``train`` (a full training iteration: training-mode forward of both directions with deep
+Cases are ``MODE:HxWxD:C[:B]``: MODE ``eval`` (the exported path: no_grad, one direction, DDF out),
+``lowmem`` (the same through ``scripts.inferers.LowMemoryRegistrationInferer``, slabs of 2^21 voxels, as
+configs/abdomen_ct.json runs whole CT volumes) or ``train`` (a full training iteration: training-mode forward of both directions with deep
 supervision, the symmetric LNCC + Dice loss, backward and an Adam step); C channels per image, B
 batch (default 1). The network input is the pair, 2*C channels.
 
@@ -28,13 +29,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CASES = ["eval:64x64x64:1", "eval:192x160x256:3", "train:64x64x64:1"]
+DEFAULT_CASES = ["eval:64x64x64:1", "eval:192x160x256:3", "lowmem:192x160x256:3", "train:64x64x64:1"]
 
 
 def parse_case(text: str) -> dict:
     parts = text.split(":")
-    if len(parts) not in (3, 4) or parts[0] not in ("eval", "train"):
-        raise argparse.ArgumentTypeError(f"case must be MODE:HxWxD:C[:B] with MODE eval or train, got {text!r}")
+    if len(parts) not in (3, 4) or parts[0] not in ("eval", "lowmem", "train"):
+        raise argparse.ArgumentTypeError(f"case must be MODE:HxWxD:C[:B] with MODE eval, lowmem or train, got {text!r}")
     size = tuple(int(s) for s in parts[1].lower().split("x"))
     if len(size) != 3:
         raise argparse.ArgumentTypeError(f"size must be HxWxD, got {parts[1]!r}")
@@ -73,6 +74,16 @@ def worker(case: dict, channels: tuple[int, ...], repeats: int, warmup: int, thr
         def step():
             with torch.no_grad():
                 net(image)
+
+    elif case["mode"] == "lowmem":
+        from scripts.inferers import LowMemoryRegistrationInferer
+
+        net.eval()
+        inferer = LowMemoryRegistrationInferer(slab_voxels=2**21)
+
+        def step():
+            with torch.no_grad():
+                inferer(image, net)
 
     else:
         net.train()
