@@ -59,7 +59,11 @@ def main(argv=None) -> int:
     from scripts.learn2reg import pairs as read_pairs
 
     pairs = read_pairs(args.dataset_dir, args.pairs_selection)[: args.num_pairs]
-    work = Path(tempfile.mkdtemp(prefix="bench-ants-"))
+    with tempfile.TemporaryDirectory(prefix="bench-ants-") as tmp:
+        return _compare(args, pairs, Path(tmp), evaluate_folder)
+
+
+def _compare(args, pairs: list[dict], work: Path, evaluate_folder) -> int:
     (work / "pairs.csv").write_text(
         "fixed,moving\n" + "".join(f"{p['fixed_image']},{p['moving_image']}\n" for p in pairs)
     )

@@ -3,10 +3,11 @@
 Each case runs in a fresh subprocess, so one case's peak memory cannot mask another's
 (``ru_maxrss`` only ever grows). Prints a Markdown table; ``--json`` also writes the numbers.
 
-Cases are ``MODE:HxWxD:C[:B]``: MODE ``eval`` (the exported path: no_grad, one direction, DDF out),
-``lowmem`` (the same through ``scripts.inferers.LowMemoryRegistrationInferer``, slabs of 2^21 voxels, as
-configs/abdomen_ct.json runs whole CT volumes) or ``train`` (a full training iteration: training-mode forward of both directions with deep
-supervision, the symmetric LNCC + Dice loss, backward and an Adam step); C channels per image, B
+Cases are ``MODE:HxWxD:C[:B]``: MODE ``eval`` (the exported path: no_grad, one direction, DDF
+out), ``lowmem`` (the same through ``scripts.inferers.LowMemoryRegistrationInferer``, slabs of 2^21
+voxels, as configs/abdomen_ct.json runs whole CT volumes) or ``train`` (a full training iteration:
+training-mode forward of both directions with deep supervision, the symmetric LNCC + Dice loss,
+backward and an Adam step); C channels per image, B
 batch (default 1). The network input is the pair, 2*C channels.
 
     # quick check (a few seconds, ~1 GB)
@@ -194,7 +195,12 @@ def main(argv=None) -> int:
     )
     print(markdown(results))
     if args.json:
-        meta = {"torch": torch.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count()}
+        meta = {
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        }
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     return 1 if any("error" in r for r in results) else 0
 

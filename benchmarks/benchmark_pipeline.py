@@ -35,6 +35,11 @@ VARIANTS = ["float32:channels_last", "float32:contiguous", "bfloat16:channels_la
 
 def stage_times(dataset_dir: str, pairs_selection: str, num_pairs: int, precision: str, channels_last: bool) -> dict:
     """Median seconds per pair of every stage, for one precision and memory format."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as out:
+        return _stage_times(out, dataset_dir, pairs_selection, num_pairs, precision, channels_last)
+
+
+def _stage_times(out: str, dataset_dir: str, pairs_selection: str, num_pairs: int, precision: str, channels_last: bool):
     import torch
     from monai.bundle import ConfigParser
     from monai.transforms import Compose
@@ -45,7 +50,6 @@ def stage_times(dataset_dir: str, pairs_selection: str, num_pairs: int, precisio
 
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "inference.json"))
-    out = tempfile.mkdtemp(prefix="bench-")
     parser.update(
         {
             "bundle_root": str(ROOT),
@@ -112,7 +116,11 @@ def stage_times(dataset_dir: str, pairs_selection: str, num_pairs: int, precisio
 
 def whole_command(dataset_dir: str, pairs_selection: str, threads: int, extra: list[str]) -> dict:
     """Wall time of the real command (a fresh process) and the median of its timing.csv."""
-    out = Path(tempfile.mkdtemp(prefix="bench-run-")) / "out"
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
+        return _whole_command(Path(tmp) / "out", dataset_dir, pairs_selection, threads, extra)
+
+
+def _whole_command(out: Path, dataset_dir: str, pairs_selection: str, threads: int, extra: list[str]) -> dict:
     dataset_dir = os.path.relpath(dataset_dir, ROOT)  # the recorded command holds no machine path
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
            "--dataset_dir", dataset_dir, "--pairs_selection", pairs_selection, "--output_dir", str(out),
