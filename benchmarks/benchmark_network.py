@@ -14,6 +14,9 @@ batch (default 1). The network input is the pair, 2*C channels.
     python benchmarks/benchmark_network.py --cases eval:64x64x64:1 --repeats 1
     # the documented cases (the 192x160x256 eval case needs ~10 GB of RAM)
     python benchmarks/benchmark_network.py --threads 2 --repeats 3 --json benchmarks/network_cpu.json
+    # the shipped width, contiguous vs channels_last weights
+    python benchmarks/benchmark_network.py --channels 8,16,32,64,128 --cases train:64x64x64:1:2 eval:64x64x64:1 \\
+        --memory_formats contiguous channels_last --threads 2 --json benchmarks/network_w8_cpu.json
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ def rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def worker(case: dict, channels: tuple[int, ...], repeats: int, warmup: int, threads: int) -> dict:
+def worker(
+    case: dict, channels: tuple[int, ...], repeats: int, warmup: int, threads: int, memory_format: str = "contiguous"
+) -> dict:
     """One case in this (fresh) process; returns the measurements."""
     import warnings
 
@@ -64,6 +69,8 @@ def worker(case: dict, channels: tuple[int, ...], repeats: int, warmup: int, thr
 
     torch.manual_seed(0)
     net = SpatialGradientRegNet(in_channels=case["in_channels"], channels=channels)
+    if memory_format == "channels_last":  # the weights only, as train.json / inference.json --channels_last
+        net = net.to(memory_format=torch.channels_last_3d)
     n_params = sum(p.numel() for p in net.parameters())
     b, c, size = case["batch"], case["in_channels"], case["size"]
     image = torch.rand(b, 2 * c, *size)
@@ -113,6 +120,7 @@ def worker(case: dict, channels: tuple[int, ...], repeats: int, warmup: int, thr
         **case,
         "size": list(size),
         "channels": list(channels),
+        "memory_format": memory_format,
         "parameters": n_params,
         "threads": threads,
         "warmup": warmup,
@@ -124,9 +132,9 @@ def worker(case: dict, channels: tuple[int, ...], repeats: int, warmup: int, thr
     }
 
 
-def run_case(case_text: str, args) -> dict:
+def run_case(case_text: str, args, memory_format: str) -> dict:
     cmd = [
-        sys.executable, __file__, "--worker", case_text,
+        sys.executable, __file__, "--worker", case_text, "--memory_formats", memory_format,
         "--channels", ",".join(map(str, args.channels)),
         "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads),
     ]  # fmt: skip
@@ -134,25 +142,25 @@ def run_case(case_text: str, args) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or [f"killed (signal {-proc.returncode})"])[-1]
-        return {**parse_case(case_text), "error": last, "returncode": proc.returncode}
+        return {**parse_case(case_text), "memory_format": memory_format, "error": last, "returncode": proc.returncode}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def markdown(results: list[dict]) -> str:
     head = [
-        "| mode | input (B x 2C x H x W x D) | parameters | median time (s) | min time (s) | peak RSS (MiB) "
-        "| RSS after init (MiB) |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | input (B x 2C x H x W x D) | weights | parameters | median time (s) | min time (s) "
+        "| peak RSS (MiB) | RSS after init (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     rows = []
     for r in results:
         shape = f"{r['batch']} x {2 * r['in_channels']} x " + " x ".join(map(str, r["size"]))
         if "error" in r:
-            rows.append(f"| {r['mode']} | {shape} | | failed: {r['error']} | | | |")
+            rows.append(f"| {r['mode']} | {shape} | {r['memory_format']} | | failed: {r['error']} | | | |")
             continue
         rows.append(
-            f"| {r['mode']} | {shape} | {r['parameters']:,} | {r['time_median_s']:.2f} | {r['time_min_s']:.2f} "
-            f"| {r['peak_rss_mb']:,.0f} | {r['model_rss_mb']:,.0f} |"
+            f"| {r['mode']} | {shape} | {r['memory_format']} | {r['parameters']:,} | {r['time_median_s']:.2f} "
+            f"| {r['time_min_s']:.2f} | {r['peak_rss_mb']:,.0f} | {r['model_rss_mb']:,.0f} |"
         )
     return "\n".join(head + rows)
 
@@ -169,6 +177,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case; the median is reported")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+    parser.add_argument(
+        "--memory_formats",
+        nargs="+",
+        choices=["contiguous", "channels_last"],
+        default=["contiguous"],
+        help="memory order of the weights; each case runs once per format (default: %(default)s)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = parser.parse_args(argv)
@@ -179,15 +194,17 @@ def main(argv=None) -> int:
             parser.error(str(err))
 
     if args.worker:
-        print(json.dumps(worker(parse_case(args.worker), args.channels, args.repeats, args.warmup, args.threads)))
+        case = parse_case(args.worker)
+        print(json.dumps(worker(case, args.channels, args.repeats, args.warmup, args.threads, args.memory_formats[0])))
         return 0
 
     import torch
 
     results = []
     for case in args.cases:
-        print(f"running {case} ...", file=sys.stderr, flush=True)
-        results.append(run_case(case, args))
+        for memory_format in args.memory_formats:
+            print(f"running {case} ({memory_format} weights) ...", file=sys.stderr, flush=True)
+            results.append(run_case(case, args, memory_format))
     print(
         f"SpatialGradientRegNet(channels={args.channels}) on CPU ({platform.processor() or platform.machine()}, "
         f"{args.threads} thread(s)), torch {torch.__version__}; {args.warmup} warm-up + {args.repeats} timed run(s) "
