@@ -63,6 +63,14 @@ def infer(dataset_dir: Path, output_dir: Path, ckpt: Path, *args: str) -> subpro
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
+def evaluate(dataset_dir: Path, disp_dir: Path, pairs_selection: str) -> subprocess.CompletedProcess:
+    """configs/evaluate.json on ``disp_dir``, in a subprocess."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/evaluate.json",
+           "--dataset_dir", str(dataset_dir), "--disp_dir", str(disp_dir), "--pairs_selection", pairs_selection]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
 def infer_here(dataset_dir: Path, output_dir: Path, ckpt: Path, args: list[str]) -> str | None:
     """configs/inference.json run in this process by ``monai.bundle.run``, the function
     ``python -m monai.bundle run`` calls, with the same overrides (``--key value`` pairs) but without
@@ -379,28 +387,13 @@ def test_evaluation_refuses_a_folder_mixing_two_runs(tmp_path, ckpt):
     rows = [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}"), (f"./imagesTr/{MOVING}", f"./imagesTr/{FIXED}")]
     args = _one_pair(data, rows)
     assert infer(data, out, ckpt, *args).returncode == 0
-    evaluate = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        "configs/evaluate.json",
-        "--dataset_dir",
-        str(data),
-        "--disp_dir",
-        str(out),
-        "--pairs_selection",
-        args[1],
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     a, b = out / "disp_0367_0000_0394_0000.nii.gz", out / "disp_0394_0000_0367_0000.nii.gz"
     shutil.copy(b, a)  # a field that run did not write for this pair
-    proc = subprocess.run(evaluate, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    proc = evaluate(data, out, args[1])
     assert proc.returncode != 0 and f"{a}: was changed since it was written" in proc.stderr, proc.stderr[-3000:]
     assert "mixes the results of several runs" in proc.stderr and not (out / "metrics.json").exists()
     (out / "manifest.json").unlink()  # the user takes responsibility: scored as it is
-    assert subprocess.run(evaluate, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env).returncode == 0
+    assert evaluate(data, out, args[1]).returncode == 0
 
 
 def test_non_finite_fields(tmp_path, ckpt):
@@ -415,9 +408,8 @@ def test_non_finite_fields(tmp_path, ckpt):
     rows = [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}"), (f"./imagesTr/{MOVING}", f"./imagesTr/{FIXED}")]
     args = _one_pair(data, rows)
     proc = infer(data, out, nan_ckpt, *args)
-    assert proc.returncode != 0 and "NaN or infinite values for fixed 0367 / moving 0394" in proc.stderr, proc.stderr[
-        -3000:
-    ]
+    message = "NaN or infinite values for fixed 0367 / moving 0394"
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
     assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
 
     # fields as another tool would write them (no manifest): zero, one with a NaN voxel
@@ -428,29 +420,14 @@ def test_non_finite_fields(tmp_path, ckpt):
         field[10, 10, 10, 0] = np.nan if f == "0367" else 0.0
         nib.save(nib.Nifti1Image(field, affine), out / f"disp_{f}_0000_{m}_0000.nii.gz")
     bad = out / "disp_0367_0000_0394_0000.nii.gz"
-    evaluate = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        "configs/evaluate.json",
-        "--dataset_dir",
-        str(data),
-        "--disp_dir",
-        str(out),
-        "--pairs_selection",
-        args[1],
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(evaluate, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    proc = evaluate(data, out, args[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "WARNING: 1 of 2 pairs have a displacement field with NaN or infinite values" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_invalid"] == 1 and metrics["dice"]["n"] == 1
     assert metrics["invalid_pairs"][0]["file"] == bad.name
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
-    proc = subprocess.run(evaluate, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    proc = evaluate(data, out, args[1])
     assert proc.returncode != 0 and f"{bad}: cannot read the displacement field" in proc.stderr, proc.stderr[-3000:]
 
 

@@ -5,6 +5,7 @@ refused before anything is written."""
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,65 +70,29 @@ def test_unsupervised_pretraining_runs(pretrained):
     assert len(list((tmp / "cache").glob("*.pt"))) == 8
 
 
+def _finetune(ckpt_dir: Path, pretrained_ckpt: Path, learning_rate: str) -> None:
+    """One epoch (two steps) of fine-tuning on 4 sample cases from ``pretrained_ckpt``."""
+    cases = "$scripts.learn2reg.training_cases(@dataset_dir, @num_val, exclude_val=False)[:4]"
+    # fmt: off
+    ok(bundle("--dataset_dir", str(SAMPLE), "--ckpt_dir", str(ckpt_dir), "--pretrained_ckpt", str(pretrained_ckpt),
+              *TINY, "--learning_rate", learning_rate, "--batch_size", "2", "--num_workers", "0", "--max_epochs", "1",
+              "--val_interval", "100", "--train#cases", cases, *VAL_ONE))
+    # fmt: on
+
+
 def test_pretrain_then_finetune_carries_weights_exactly(pretrained, tmp_path):
     """Fine-tuning with a zero learning rate must end with exactly the pretrained tensors: every
     weight was loaded (none left at its random initialisation) and nothing else changed them."""
     tmp, _ = pretrained
     source = torch.load(tmp / "ckpt" / "checkpoint_epoch=1.pt", weights_only=True)["model"]
-    ok(
-        bundle(
-            "--dataset_dir",
-            str(SAMPLE),
-            "--ckpt_dir",
-            str(tmp_path),
-            "--pretrained_ckpt",
-            str(tmp / "ckpt" / "checkpoint_epoch=1.pt"),
-            *TINY,
-            "--learning_rate",
-            "0",
-            "--batch_size",
-            "2",
-            "--num_workers",
-            "0",
-            "--max_epochs",
-            "1",
-            "--val_interval",
-            "100",
-            "--train#cases",
-            "$scripts.learn2reg.training_cases(@dataset_dir, @num_val, exclude_val=False)[:4]",
-            *VAL_ONE,
-        )
-    )
+    _finetune(tmp_path, tmp / "ckpt" / "checkpoint_epoch=1.pt", "0")
     tuned = torch.load(tmp_path / "checkpoint_epoch=1.pt", weights_only=True)
     assert tuned["trainer"]["iteration"] == 2  # it did train (two steps with lr 0)
     assert tuned["model"].keys() == source.keys()
     differ = [k for k in source if not torch.equal(source[k], tuned["model"][k])]
     assert not differ, differ[:3]
     # The control: with a learning rate the same run moves the weights.
-    ok(
-        bundle(
-            "--dataset_dir",
-            str(SAMPLE),
-            "--ckpt_dir",
-            str(tmp_path / "lr"),
-            "--pretrained_ckpt",
-            str(tmp / "ckpt" / "model.pt"),
-            *TINY,
-            "--learning_rate",
-            "0.001",
-            "--batch_size",
-            "2",
-            "--num_workers",
-            "0",
-            "--max_epochs",
-            "1",
-            "--val_interval",
-            "100",
-            "--train#cases",
-            "$scripts.learn2reg.training_cases(@dataset_dir, @num_val, exclude_val=False)[:4]",
-            *VAL_ONE,
-        )
-    )
+    _finetune(tmp_path / "lr", tmp / "ckpt" / "model.pt", "0.001")
     moved = torch.load(tmp_path / "lr" / "checkpoint_epoch=1.pt", weights_only=True)["model"]
     assert any(not torch.equal(source[k], moved[k]) for k in source)
 
