@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gradient_to_ddf", "warp_image", "warp_labels_onehot", "warp_labels_nearest"]
+__all__ = ["ddf_to_gradient", "flip_ddf", "gradient_to_ddf", "warp_image", "warp_labels_onehot", "warp_labels_nearest"]
 
 
 _REFERENCE_GRIDS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -81,6 +81,53 @@ def gradient_to_ddf(grad: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"grad must be (..., 3, H, W, D), got shape {list(grad.shape)}")
     g = grad - 1
     return torch.stack([torch.cumsum(g[..., c, :, :, :], dim=g.ndim - 4 + c) for c in range(3)], dim=-4)
+
+
+def ddf_to_gradient(ddf: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``gradient_to_ddf``: the spatial gradient g whose cumulative sum is ``ddf``.
+
+    g_c(0) = ddf_c(0) + 1 and g_c(i) = ddf_c(i) - ddf_c(i - 1) + 1 along spatial axis c: the forward
+    differences of the sampling coordinates. A field with g > 0 everywhere is strictly increasing
+    along each axis (no self-crossing along an axis); the mean of such fields is too, since the mean
+    of their g is positive.
+
+    Args:
+        ddf: (..., 3, H, W, D) in voxels, channel c along the c-th spatial axis.
+
+    Returns:
+        g (..., 3, H, W, D); ``gradient_to_ddf(ddf_to_gradient(ddf))`` equals ``ddf`` to rounding.
+    """
+    if ddf.ndim < 4 or ddf.shape[-4] != 3:
+        raise ValueError(f"ddf must be (..., 3, H, W, D), got shape {list(ddf.shape)}")
+    grads = []
+    for c in range(3):
+        d = ddf[..., c, :, :, :]
+        dim = ddf.ndim - 4 + c
+        grads.append(torch.diff(d, dim=dim, prepend=torch.zeros_like(d.narrow(dim, 0, 1))) + 1)
+    return torch.stack(grads, dim=-4)
+
+
+def flip_ddf(ddf: torch.Tensor, axes: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """The displacement field of a pair registered in flipped coordinates, on the unflipped grid.
+
+    If ``ddf`` registers the images flipped along spatial ``axes`` (``image.flip([a + 2 for a in
+    axes])``), the result registers the images as they are: ``warp(moving, flip_ddf(ddf, axes))``
+    equals ``warp(flipped moving, ddf)`` flipped back. The field is flipped along those axes and its
+    components along them change sign (x -> n - 1 - x reverses their direction); the others keep
+    theirs. Applying it twice gives ``ddf`` back.
+
+    Args:
+        ddf: (B, 3, H, W, D) in voxels. axes: spatial axes, each 0, 1 or 2.
+    """
+    axes = sorted({int(a) for a in axes})
+    if ddf.ndim != 5 or ddf.shape[1] != 3 or any(a not in (0, 1, 2) for a in axes):
+        raise ValueError(f"ddf must be (B, 3, H, W, D) and axes among 0, 1, 2, got {list(ddf.shape)} and {axes}")
+    if not axes:
+        return ddf
+    out = ddf.flip([a + 2 for a in axes])
+    sign = torch.ones(3, dtype=ddf.dtype, device=ddf.device)
+    sign[axes] = -1
+    return out * sign.view(1, 3, 1, 1, 1)
 
 
 def warp_image(image: torch.Tensor, ddf: torch.Tensor, padding: str = "border") -> torch.Tensor:

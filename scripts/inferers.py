@@ -10,6 +10,7 @@ every config; a config picks the inferer with its ``inferer`` key.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -18,10 +19,11 @@ from monai.inferers import Inferer
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from scripts.deformation import gradient_to_ddf
+from scripts.deformation import ddf_to_gradient, flip_ddf, gradient_to_ddf, warp_image
+from scripts.losses import LocalNCCLoss
 from scripts.networks import SpatialGradientRegNet, logits_to_gradient
 
-__all__ = ["RegistrationInferer", "LowMemoryRegistrationInferer", "native_bfloat16"]
+__all__ = ["RegistrationInferer", "LowMemoryRegistrationInferer", "RegistrationTestTimeInferer", "native_bfloat16"]
 
 
 def native_bfloat16(device: torch.device | str) -> bool:
@@ -67,6 +69,114 @@ class RegistrationInferer(Inferer):
         dtype = self.dtype_for(inputs.device)
         with contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(inputs.device.type, dtype=dtype):
             return network(inputs)
+
+
+class RegistrationTestTimeInferer(RegistrationInferer):
+    """Test-time options on top of ``RegistrationInferer``: flip augmentation, an ensemble of networks,
+    and instance optimisation. With none of them (the defaults) it is ``RegistrationInferer``.
+
+    - ``flips``: besides the images as they are, register them flipped along these spatial axes
+      (e.g. ``[[0], [1], [2]]``; "all" for the 7 non-empty combinations of the 3 axes), and bring
+      each field back to the unflipped grid (the field flipped, its components along the flipped
+      axes negated).
+    - ``members``: more networks of the same input and output (e.g. independently trained models,
+      loaded with ``scripts.weights.load_pretrained``); each runs on every flip.
+
+      The result is the mean of all these DDFs. A mean of DDFs is the DDF of the mean spatial
+      gradient g (integration is linear), and g of every member is positive, so the mean stays free
+      of self-crossing along each axis, as the network's own fields are.
+    - ``steps`` > 0: instance optimisation of that DDF for this one pair: the head's logits that give
+      it (``logit(g / 2)``) plus a correction, on a grid ``grid`` times coarser than the image and
+      upsampled trilinearly, minimised with Adam (``lr``) on ``similarity`` (the training loss's
+      "lncc" or "mse") between the warped moving and the fixed image, plus ``smooth_weight`` times
+      the training regulariser mean |sigmoid - 0.5|. g = 2 * sigmoid stays in (0, 2). The correction
+      starts at zero, so the start is the network's prediction.
+
+    Args:
+        flips, members, steps, lr, similarity, smooth_weight, grid: as above.
+        lncc_kernel_size: window of the "lncc" similarity (the training default, 9).
+        dtype: precision of the network passes, as ``RegistrationInferer``; the optimisation runs in
+            float32 (float64 for a float64 network) whatever the enclosing autocast.
+
+    ``__call__(inputs, network)``: as ``RegistrationInferer``, inputs (B, 2 * C, H, W, D) = [moving,
+    fixed] -> ddf (B, 3, H, W, D) float32. With ``steps`` > 0 autograd is enabled inside (the
+    evaluator's ``no_grad`` is overridden for the correction only) and the result is detached.
+    """
+
+    def __init__(
+        self,
+        flips: str | Sequence[Sequence[int]] = (),
+        members: Sequence[nn.Module] = (),
+        steps: int = 0,
+        lr: float = 0.1,
+        similarity: str = "lncc",
+        smooth_weight: float = 0.1,
+        grid: int = 1,
+        lncc_kernel_size: int = 9,
+        dtype: str | torch.dtype = "float32",
+    ) -> None:
+        super().__init__(dtype)
+        if flips == "all":
+            flips = [c for r in (1, 2, 3) for c in itertools.combinations(range(3), r)]
+        elif isinstance(flips, str):
+            raise ValueError(f"flips must be 'all' or a list of axis lists such as [[0], [1, 2]], got {flips!r}")
+        self.flips = [()]
+        for axes in flips:
+            axes = tuple(sorted({int(a) for a in axes}))
+            if not axes or any(a not in (0, 1, 2) for a in axes):
+                raise ValueError(f"each flip is a non-empty list of spatial axes 0, 1, 2, got {list(axes)}")
+            if axes not in self.flips:
+                self.flips.append(axes)
+        self.members = list(members)
+        if int(steps) < 0 or float(lr) < 0 or float(smooth_weight) < 0 or int(grid) < 1:
+            raise ValueError(
+                f"steps, lr and smooth_weight must not be negative and grid must be at least 1, got steps={steps}, "
+                f"lr={lr}, smooth_weight={smooth_weight}, grid={grid}"
+            )
+        self.steps, self.lr, self.smooth_weight, self.grid = int(steps), float(lr), float(smooth_weight), int(grid)
+        if similarity == "lncc":
+            self.similarity: nn.Module = LocalNCCLoss(kernel_size=lncc_kernel_size)
+        elif similarity == "mse":
+            self.similarity = nn.MSELoss()
+        else:
+            raise ValueError(f"similarity must be 'lncc' or 'mse', got {similarity!r}")
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
+        ddfs = []
+        for member in self.members:  # built from the network before the evaluator put it in eval mode
+            member.train(network.training)
+        for net in [network, *self.members]:
+            for axes in self.flips:
+                flipped = inputs.flip([a + 2 for a in axes]) if axes else inputs
+                ddfs.append(flip_ddf(super().__call__(flipped, net), axes))
+        ddf = ddfs[0] if len(ddfs) == 1 else torch.stack(ddfs).mean(0)
+        return self.optimise(inputs, ddf) if self.steps else ddf
+
+    def optimise(self, inputs: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+        """Instance optimisation (see the class) of ``ddf`` (B, 3, H, W, D) for the pair ``inputs``."""
+        c = inputs.shape[1] // 2
+        dtype = torch.promote_types(ddf.dtype, torch.float32)
+        x = inputs.as_subclass(torch.Tensor).detach().to(dtype)
+        moving, fixed = x[:, :c], x[:, c:]
+        # g of a network prediction lies in (0, 2); rounding in the integration may touch the bounds
+        g = ddf_to_gradient(ddf.as_subclass(torch.Tensor).detach().to(dtype)).clamp(1e-6, 2 - 1e-6)
+        start = torch.logit(g / 2)
+        size = ddf.shape[2:]
+        coarse = [max(1, -(-n // self.grid)) for n in size]
+        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+            delta = torch.zeros((ddf.shape[0], 3, *coarse), device=ddf.device, dtype=dtype, requires_grad=True)
+            optimiser = torch.optim.Adam([delta], lr=self.lr)
+            for _ in range(self.steps):
+                correction = delta if self.grid == 1 else F.interpolate(delta, size=size, mode="trilinear")
+                logits = start + correction
+                loss = self.similarity(warp_image(moving, gradient_to_ddf(logits_to_gradient(logits))), fixed)
+                if self.smooth_weight:
+                    loss = loss + self.smooth_weight * (torch.sigmoid(logits) - 0.5).abs().mean()
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+            correction = delta if self.grid == 1 else F.interpolate(delta, size=size, mode="trilinear")
+            return gradient_to_ddf(logits_to_gradient(start + correction.detach()))
 
 
 class LowMemoryRegistrationInferer(RegistrationInferer):

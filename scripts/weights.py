@@ -27,6 +27,7 @@ but see docs/tooling.md for what it does not guarantee.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import pickle
@@ -235,6 +236,21 @@ def load_pretrained(network: torch.nn.Module, path: str | None) -> torch.nn.Modu
         )
     target.load_state_dict(state, strict=True)
     return network
+
+
+def checkpoint_list(paths: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """A list of checkpoint paths from a command-line value: one path, a list of paths, or nothing
+    (``--ensemble_ckpts runs/a.pt`` reaches the config as a string, not as a list of its characters)."""
+    if not paths:
+        return []
+    return [paths] if isinstance(paths, str) else [str(p) for p in paths]
+
+
+def load_copies(network: torch.nn.Module, paths: str | list[str] | tuple[str, ...] | None) -> list[torch.nn.Module]:
+    """Copies of ``network`` (same architecture, device and memory format), one per checkpoint in
+    ``paths``, each loaded with ``load_pretrained`` (an error names a file of another architecture):
+    the members of an ensemble (inference.json ``ensemble_ckpts``)."""
+    return [load_pretrained(copy.deepcopy(network), p) for p in checkpoint_list(paths)]
 
 
 # --------------------------------------------------------------------------------------------------

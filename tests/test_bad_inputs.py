@@ -22,6 +22,8 @@ import pytest
 import torch
 from conftest import HIPPO
 
+from scripts.networks import SpatialGradientRegNet
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data" / "HippocampusMR"
 FIXED = "HippocampusMR_0367_0000.nii.gz"  # the fixed image of the first registration_val pair
@@ -519,3 +521,35 @@ def test_outputs_get_normal_permissions(tmp_path, ckpt):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
+
+
+def test_test_time_options_run_and_a_wrong_ensemble_member_is_refused(tmp_path, ckpt):
+    data = _copy(tmp_path)
+    args = _one_pair(data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}")])
+    # as typed on the command line (a subprocess: fire parses the lists)
+    options = [
+        "--tta_flips",
+        "[[0], [1, 2]]",
+        "--ensemble_ckpts",
+        f"[{str(ckpt)!r}]",
+        "--io_steps",
+        "2",
+        "--io_grid",
+        "2",
+    ]
+    out = tmp_path / "out"
+    proc = infer(data, out, ckpt, *args, *options)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())["settings"]
+    assert manifest["tta_flips"] == [[0], [1, 2]] and manifest["ensemble_ckpts"] == [str(ckpt)]
+    assert manifest["io_steps"] == 2 and manifest["io_grid"] == 2
+    _outputs_are_sane(out, [("0367", "0394")])
+
+    # a member of another architecture, or a missing one: refused naming the file, nothing written
+    other = tmp_path / "wide.pt"
+    torch.save(SpatialGradientRegNet(channels=(16, 32, 64, 128, 256), deep_supervision=False).state_dict(), other)
+    for member, problem in ((other, "was saved from another architecture"), (tmp_path / "no.pt", "not found")):
+        before = digest(tmp_path)
+        error = infer_here(data, tmp_path / "out2", ckpt, args + ["--ensemble_ckpts", str(member)])  # one path
+        assert error is not None and f"{member}: " in error and problem in error, error
+        assert not (tmp_path / "out2").exists() and digest(tmp_path) == before

@@ -6,7 +6,14 @@ import pytest
 import torch
 from conftest import map_coordinates_warp, smooth_ddf, smooth_volume
 
-from scripts.deformation import gradient_to_ddf, warp_image, warp_labels_nearest, warp_labels_onehot
+from scripts.deformation import (
+    ddf_to_gradient,
+    flip_ddf,
+    gradient_to_ddf,
+    warp_image,
+    warp_labels_nearest,
+    warp_labels_onehot,
+)
 
 SHAPE = (12, 14, 16)  # anisotropic on purpose: a swapped axis would break shapes or values
 
@@ -193,3 +200,34 @@ def test_warps_equal_monai_warp_to_the_bit(shape):
 def test_warp_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="must match"):
         warp_image(torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 3, 8, 8, 7))
+
+
+# --------------------------------------------------------------------------- inverse and flips
+def test_ddf_to_gradient_inverts_the_integration():
+    gen = torch.Generator().manual_seed(3)
+    g = 0.2 + 1.6 * torch.rand(2, 3, 5, 6, 7, generator=gen, dtype=torch.float64)
+    ddf = gradient_to_ddf(g)
+    assert torch.allclose(ddf_to_gradient(ddf), g, rtol=0, atol=1e-12)
+    assert torch.allclose(gradient_to_ddf(ddf_to_gradient(ddf)), ddf, rtol=0, atol=1e-12)
+    assert torch.equal(ddf_to_gradient(torch.zeros(1, 3, 4, 4, 4)), torch.ones(1, 3, 4, 4, 4))
+    with pytest.raises(ValueError, match="must be"):
+        ddf_to_gradient(torch.zeros(1, 2, 4, 4, 4))
+
+
+@pytest.mark.parametrize("axes", [(0,), (1,), (2,), (0, 2), (0, 1, 2)])
+def test_flip_ddf_registers_the_unflipped_images(axes):
+    # A field found on flipped images, brought back, must warp the images as they are exactly as the
+    # original field warped the flipped ones (then flipped back). Trilinear sampling with voxel centres
+    # at integer coordinates is symmetric under x -> n - 1 - x, so the identity is exact to rounding.
+    gen = torch.Generator().manual_seed(4)
+    size = (9, 10, 11)
+    moving = torch.rand(1, 2, *size, generator=gen, dtype=torch.float64)
+    ddf = gradient_to_ddf(0.5 + torch.rand(1, 3, *size, generator=gen, dtype=torch.float64))
+    dims = [a + 2 for a in axes]
+    expected = warp_image(moving.flip(dims), ddf).flip(dims)
+    got = warp_image(moving, flip_ddf(ddf, axes))
+    assert torch.allclose(got, expected, rtol=0, atol=1e-10)
+    assert not torch.allclose(warp_image(moving, ddf.flip(dims)), expected, atol=1e-3)  # sign change needed
+    assert torch.equal(flip_ddf(flip_ddf(ddf, axes), axes), ddf)
+    # no self-crossing is kept: the flipped-back field's gradient is positive where the field's was
+    assert (ddf_to_gradient(flip_ddf(ddf, axes))[..., 1:, 1:, 1:] > 0).all()

@@ -3,6 +3,7 @@ to rounding) with about half its peak tensor memory, for bare, DataParallel / Di
 and channels_last_3d networks; bfloat16 runs the convolutions in bfloat16 and g and its cumulative sum
 in float32, within a stated distance of the float32 DDF; the CT overlay selects the low-memory inferer."""
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -15,8 +16,9 @@ from torch.profiler import ProfilerActivity, profile
 
 import scripts.inferers
 import scripts.networks
-from scripts.deformation import gradient_to_ddf
-from scripts.inferers import LowMemoryRegistrationInferer, RegistrationInferer
+from scripts.deformation import ddf_to_gradient, flip_ddf, gradient_to_ddf, warp_image
+from scripts.inferers import LowMemoryRegistrationInferer, RegistrationInferer, RegistrationTestTimeInferer
+from scripts.losses import LocalNCCLoss
 from scripts.networks import SpatialGradientRegNet
 from tests.test_networks import SMALL, pair, randomise_heads
 
@@ -241,3 +243,98 @@ def test_auto_precision_is_bfloat16_only_where_the_device_computes_it_natively()
         image = torch.rand(1, 2, 16, 16, 32)
         with torch.no_grad():
             assert torch.equal(auto(image, net), RegistrationInferer("float32")(image, net))
+
+
+# --------------------------------------------------------------------------- test-time options
+def _moved_pair(shift=2, size=(16, 16, 32)):
+    """A smooth fixed image and the same image translated by ``shift`` voxels along the last axis."""
+    gen = torch.Generator().manual_seed(5)
+    fixed = torch.nn.functional.avg_pool3d(torch.rand(1, 1, *size, generator=gen), 5, 1, 2, count_include_pad=False)
+    fixed = (fixed - fixed.min()) / (fixed.max() - fixed.min())
+    return torch.cat([fixed.roll(shift, dims=-1), fixed], dim=1)
+
+
+def test_test_time_inferer_without_options_is_the_plain_inferer():
+    net = randomise_heads(SpatialGradientRegNet(**SMALL), scale=0.1).double().eval()
+    image = pair().double()
+    with torch.no_grad():
+        assert torch.equal(RegistrationTestTimeInferer()(image, net), RegistrationInferer()(image, net))
+
+
+def test_flips_average_the_fields_brought_back():
+    net = randomise_heads(SpatialGradientRegNet(**SMALL), scale=0.3).double().eval()
+    image = pair(batch=1).double()
+    with torch.no_grad():
+        got = RegistrationTestTimeInferer(flips=[[1], [0, 2]])(image, net)
+        parts = [net(image), flip_ddf(net(image.flip([3])), [1]), flip_ddf(net(image.flip([2, 4])), [0, 2])]
+        assert torch.allclose(got, torch.stack(parts).mean(0), rtol=0, atol=1e-12)
+        assert (got - parts[0]).abs().max() > 0.1  # the flipped passes change the result
+        # a network whose field does not depend on the images (here: the identity) is unchanged
+        identity = SpatialGradientRegNet(**SMALL).double().eval()
+        assert torch.equal(RegistrationTestTimeInferer(flips="all")(image, identity), torch.zeros_like(got))
+    assert RegistrationTestTimeInferer(flips="all").flips == [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+
+
+def test_ensemble_is_the_mean_field_and_of_one_network_the_network():
+    nets = [randomise_heads(SpatialGradientRegNet(**SMALL), scale=0.3, seed=s).double().eval() for s in (0, 1)]
+    image = pair(batch=1).double()
+    with torch.no_grad():
+        both = RegistrationTestTimeInferer(members=[nets[1]])(image, nets[0])
+        assert torch.allclose(both, (nets[0](image) + nets[1](image)) / 2, rtol=0, atol=1e-12)
+        same = RegistrationTestTimeInferer(members=[copy.deepcopy(nets[0])])(image, nets[0])
+        assert torch.allclose(same, nets[0](image), rtol=0, atol=1e-12)
+    # members follow the network's mode (they are built from it before the evaluator calls eval())
+    member = SpatialGradientRegNet(**SMALL).double().train()
+    with torch.no_grad():
+        RegistrationTestTimeInferer(members=[member])(image, nets[0])
+    assert not member.training
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"flips": "all"}, {"steps": 30, "lr": 1.0}, {"steps": 10, "lr": 0.5, "grid": 2, "similarity": "mse"}],
+    ids=["flips", "optimised", "optimised-coarse-mse"],
+)
+def test_test_time_options_keep_the_gradient_positive(options):
+    # heads with large weights: logits far from 0, g close to the bounds 0 and 2; a large learning rate.
+    # In float64: in float32 a g below ~1e-6 is lost in the rounding of the integrated field, for the
+    # plain network's output too.
+    net = randomise_heads(SpatialGradientRegNet(**SMALL), scale=1.0).double().eval()
+    other = randomise_heads(SpatialGradientRegNet(**SMALL), scale=1.0, seed=7).double().eval()
+    with torch.no_grad():
+        ddf = RegistrationTestTimeInferer(members=[other], **options)(pair(batch=1).double(), net)
+        assert ddf_to_gradient(net(pair(batch=1).double())).amin() < 1e-3  # near the bound
+    g = ddf_to_gradient(ddf)
+    # index 0 of a flipped field is its far border's sample, not a difference: the interior only
+    assert ddf.abs().max() > 1 and (g[..., 1:, 1:, 1:] > 0).all(), float(g.min())
+
+
+def test_instance_optimisation_starts_from_the_network_and_improves_the_similarity():
+    image = _moved_pair()
+    net = SpatialGradientRegNet(**SMALL).eval()  # the identity: nothing registered yet
+    loss = LocalNCCLoss()
+    with torch.no_grad():
+        plain = RegistrationInferer()(image, net)
+        # no step size: the result is the network's field (through logit and sigmoid: rounding only)
+        still = RegistrationTestTimeInferer(steps=5, lr=0.0)(image, net)
+        assert (still - plain).abs().max() < 1e-5
+        moved = RegistrationTestTimeInferer(steps=60, lr=0.1, smooth_weight=0.01)(image, net)
+    before = loss(image[:, :1], image[:, 1:])
+    after = loss(warp_image(image[:, :1], moved), image[:, 1:])
+    assert after < 0.6 * before, (float(before), float(after))
+    # moving(x) = fixed(x - 2): the translation is found in the interior, about +2 voxels along the last
+    # axis, little along the others
+    inner = moved[0, :, 4:-4, 4:-4, 8:-8]
+    assert 1.4 < float(inner[2].median()) < 2.6 and inner[:2].abs().median() < 0.3, inner.median()
+    assert not moved.requires_grad
+
+
+def test_test_time_option_errors():
+    with pytest.raises(ValueError, match="flips must be 'all'"):
+        RegistrationTestTimeInferer(flips="some")
+    with pytest.raises(ValueError, match="spatial axes 0, 1, 2"):
+        RegistrationTestTimeInferer(flips=[[3]])
+    with pytest.raises(ValueError, match="similarity must be"):
+        RegistrationTestTimeInferer(steps=1, similarity="mi")
+    with pytest.raises(ValueError, match="grid must be at least 1"):
+        RegistrationTestTimeInferer(steps=1, grid=0)
