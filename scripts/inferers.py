@@ -71,9 +71,10 @@ class RegistrationInferer(Inferer):
             return network(inputs)
 
 
-class RegistrationTestTimeInferer(RegistrationInferer):
-    """Test-time options on top of ``RegistrationInferer``: flip augmentation, an ensemble of networks,
-    and instance optimisation. With none of them (the defaults) it is ``RegistrationInferer``.
+class RegistrationTestTimeInferer(Inferer):
+    """Test-time options around a registration inferer (``inferer``: ``RegistrationInferer`` by default,
+    ``LowMemoryRegistrationInferer`` for whole CT): flip augmentation, an ensemble of networks, and
+    instance optimisation. With none of them (the defaults) it is ``inferer`` itself.
 
     - ``flips``: besides the images as they are, register them flipped along these spatial axes
       (e.g. ``[[0], [1], [2]]``; "all" for the 7 non-empty combinations of the 3 axes), and bring
@@ -93,18 +94,21 @@ class RegistrationTestTimeInferer(RegistrationInferer):
       starts at zero, so the start is the network's prediction.
 
     Args:
+        inferer: runs each network pass (each flip, each member); ``RegistrationInferer()`` if None.
         flips, members, steps, lr, similarity, smooth_weight, grid: as above.
         lncc_kernel_size: window of the "lncc" similarity (the training default, 9).
-        dtype: precision of the network passes, as ``RegistrationInferer``; the optimisation runs in
-            float32 (float64 for a float64 network) whatever the enclosing autocast.
 
-    ``__call__(inputs, network)``: as ``RegistrationInferer``, inputs (B, 2 * C, H, W, D) = [moving,
+    The optimisation runs in float32 (float64 for a float64 network) whatever the enclosing autocast
+    or the passes' precision.
+
+    ``__call__(inputs, network)``: as ``inferer``, inputs (B, 2 * C, H, W, D) = [moving,
     fixed] -> ddf (B, 3, H, W, D) float32. With ``steps`` > 0 autograd is enabled inside (the
     evaluator's ``no_grad`` is overridden for the correction only) and the result is detached.
     """
 
     def __init__(
         self,
+        inferer: Inferer | None = None,
         flips: str | Sequence[Sequence[int]] = (),
         members: Sequence[nn.Module] = (),
         steps: int = 0,
@@ -113,9 +117,9 @@ class RegistrationTestTimeInferer(RegistrationInferer):
         smooth_weight: float = 0.1,
         grid: int = 1,
         lncc_kernel_size: int = 9,
-        dtype: str | torch.dtype = "float32",
     ) -> None:
-        super().__init__(dtype)
+        super().__init__()
+        self.inferer = RegistrationInferer() if inferer is None else inferer
         if flips == "all":
             flips = [c for r in (1, 2, 3) for c in itertools.combinations(range(3), r)]
         elif isinstance(flips, str):
@@ -148,7 +152,7 @@ class RegistrationTestTimeInferer(RegistrationInferer):
         for net in [network, *self.members]:
             for axes in self.flips:
                 flipped = inputs.flip([a + 2 for a in axes]) if axes else inputs
-                ddfs.append(flip_ddf(super().__call__(flipped, net), axes))
+                ddfs.append(flip_ddf(self.inferer(flipped, net), axes))
         ddf = ddfs[0] if len(ddfs) == 1 else torch.stack(ddfs).mean(0)
         return self.optimise(inputs, ddf) if self.steps else ddf
 

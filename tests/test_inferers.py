@@ -224,6 +224,11 @@ def test_ct_overlay_selects_the_low_memory_inferer():
     inferer = parser.get_parsed_content("inferer")
     assert type(inferer) is LowMemoryRegistrationInferer
     assert inferer.dtype == torch.float32 and inferer.slab_voxels == 2**21
+    # the evaluator's inferer adds the test-time options around it (none by default)
+    parser["tta_flips"] = [[0]]
+    test_time = parser.get_parsed_content("evaluator#inferer")
+    assert type(test_time) is RegistrationTestTimeInferer and type(test_time.inferer) is LowMemoryRegistrationInferer
+    assert test_time.flips == [(), (0,)]
 
 
 def test_auto_precision_is_bfloat16_only_where_the_device_computes_it_natively():
