@@ -14,7 +14,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ddf_to_gradient", "flip_ddf", "gradient_to_ddf", "warp_image", "warp_labels_onehot", "warp_labels_nearest"]
+__all__ = [
+    "ddf_to_gradient",
+    "flip_ddf",
+    "gradient_to_ddf",
+    "invert_ddf",
+    "warp_image",
+    "warp_labels_onehot",
+    "warp_labels_nearest",
+]
 
 
 _REFERENCE_GRIDS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -128,6 +136,22 @@ def flip_ddf(ddf: torch.Tensor, axes: tuple[int, ...] | list[int]) -> torch.Tens
     sign = torch.ones(3, dtype=ddf.dtype, device=ddf.device)
     sign[axes] = -1
     return out * sign.view(1, 3, 1, 1, 1)
+
+
+def invert_ddf(ddf: torch.Tensor, iterations: int = 20) -> torch.Tensor:
+    """The inverse displacement field, by fixed-point iteration: v(x) = -u(x + v(x)).
+
+    If ``ddf`` = u maps a point y to y + u(y), the result v maps y + u(y) back to y, to the extent the
+    iteration converges (it does where u is smooth, |grad u| < 1; the error shrinks by that factor per
+    iteration). u is sampled trilinearly with border padding (outside the grid u keeps its edge value).
+
+    Args:
+        ddf: (B, 3, H, W, D) in voxels. iterations: fixed-point iterations, starting from v = -u.
+    """
+    v = -ddf
+    for _ in range(int(iterations)):
+        v = -warp_image(ddf, v, padding="border")
+    return v
 
 
 def warp_image(image: torch.Tensor, ddf: torch.Tensor, padding: str = "border") -> torch.Tensor:

@@ -19,7 +19,7 @@ from monai.inferers import Inferer
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from scripts.deformation import ddf_to_gradient, flip_ddf, gradient_to_ddf, warp_image
+from scripts.deformation import ddf_to_gradient, flip_ddf, gradient_to_ddf, invert_ddf, warp_image
 from scripts.losses import LocalNCCLoss
 from scripts.networks import SpatialGradientRegNet, logits_to_gradient
 
@@ -83,9 +83,14 @@ class RegistrationTestTimeInferer(Inferer):
     - ``members``: more networks of the same input and output (e.g. independently trained models,
       loaded with ``scripts.weights.load_pretrained``); each runs on every flip.
 
+    - ``symmetric``: also register fixed -> moving (the images swapped: what the network learnt in
+      symmetric training) and use the inverse of that field (``scripts.deformation.invert_ddf``) as
+      one more moving -> fixed estimate, for every flip and member.
+
       The result is the mean of all these DDFs. A mean of DDFs is the DDF of the mean spatial
       gradient g (integration is linear), and g of every member is positive, so the mean stays free
-      of self-crossing along each axis, as the network's own fields are.
+      of self-crossing along each axis, as the network's own fields are (the inverse fields of
+      ``symmetric`` are not of that form: no such guarantee with it).
     - ``steps`` > 0: instance optimisation of that DDF for this one pair: the head's logits that give
       it (``logit(g / 2)``) plus a correction, on a grid ``grid`` times coarser than the image and
       upsampled trilinearly, minimised with Adam (``lr``) on ``similarity`` (the training loss's
@@ -95,7 +100,7 @@ class RegistrationTestTimeInferer(Inferer):
 
     Args:
         inferer: runs each network pass (each flip, each member); ``RegistrationInferer()`` if None.
-        flips, members, steps, lr, similarity, smooth_weight, grid: as above.
+        flips, members, symmetric, steps, lr, similarity, smooth_weight, grid: as above.
         lncc_kernel_size: window of the "lncc" similarity (the training default, 9).
 
     The optimisation runs in float32 (float64 for a float64 network) whatever the enclosing autocast
@@ -111,6 +116,7 @@ class RegistrationTestTimeInferer(Inferer):
         inferer: Inferer | None = None,
         flips: str | Sequence[Sequence[int]] = (),
         members: Sequence[nn.Module] = (),
+        symmetric: bool = False,
         steps: int = 0,
         lr: float = 0.1,
         similarity: str = "lncc",
@@ -132,6 +138,7 @@ class RegistrationTestTimeInferer(Inferer):
             if axes not in self.flips:
                 self.flips.append(axes)
         self.members = list(members)
+        self.symmetric = bool(symmetric)
         if int(steps) < 0 or float(lr) < 0 or float(smooth_weight) < 0 or int(grid) < 1:
             raise ValueError(
                 f"steps, lr and smooth_weight must not be negative and grid must be at least 1, got steps={steps}, "
@@ -153,6 +160,10 @@ class RegistrationTestTimeInferer(Inferer):
             for axes in self.flips:
                 flipped = inputs.flip([a + 2 for a in axes]) if axes else inputs
                 ddfs.append(flip_ddf(self.inferer(flipped, net), axes))
+                if self.symmetric:
+                    c = inputs.shape[1] // 2
+                    swapped = torch.cat([flipped[:, c:], flipped[:, :c]], dim=1)
+                    ddfs.append(invert_ddf(flip_ddf(self.inferer(swapped, net), axes)))
         ddf = ddfs[0] if len(ddfs) == 1 else torch.stack(ddfs).mean(0)
         return self.optimise(inputs, ddf) if self.steps else ddf
 

@@ -10,6 +10,7 @@ from scripts.deformation import (
     ddf_to_gradient,
     flip_ddf,
     gradient_to_ddf,
+    invert_ddf,
     warp_image,
     warp_labels_nearest,
     warp_labels_onehot,
@@ -231,3 +232,15 @@ def test_flip_ddf_registers_the_unflipped_images(axes):
     assert torch.equal(flip_ddf(flip_ddf(ddf, axes), axes), ddf)
     # no self-crossing is kept: the flipped-back field's gradient is positive where the field's was
     assert (ddf_to_gradient(flip_ddf(ddf, axes))[..., 1:, 1:, 1:] > 0).all()
+
+
+def test_invert_ddf_composes_to_the_identity():
+    u = torch.from_numpy(smooth_ddf(SHAPE, amplitude=2.0, seed=5, sigma=3.0))[None].double()
+    v = invert_ddf(u, iterations=30)
+    # v(x) + u(x + v(x)) == 0: going along v then along u comes back, away from the border
+    back = v + warp_image(u, v, padding="border")
+    inner = (slice(None), slice(None), *[slice(3, -3)] * 3)
+    assert back[inner].abs().max() < 1e-4 and v.abs().max() > 1.5
+    # also a left inverse, to the trilinear interpolation error of v between voxels
+    assert (u + warp_image(v, u, padding="border"))[inner].abs().max() < 0.1
+    assert (-u - v)[inner].abs().max() > 0.05  # not merely the negated field

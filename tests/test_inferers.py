@@ -295,6 +295,41 @@ def test_ensemble_is_the_mean_field_and_of_one_network_the_network():
     assert not member.training
 
 
+class _Translation(torch.nn.Module):
+    """A stand-in network: a translation along the last axis by the difference of the two images' means
+    (times 10), so swapping the images gives the exact inverse; ``consistent=False`` ignores the order."""
+
+    def __init__(self, consistent: bool = True) -> None:
+        super().__init__()
+        self.consistent = consistent
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        shift = 10 * (image[:, 0].mean() - image[:, 1].mean())
+        ddf = torch.zeros(image.shape[0], 3, *image.shape[2:], dtype=image.dtype)
+        ddf[:, 2] = shift if self.consistent else shift.abs()
+        return ddf
+
+
+def test_symmetric_adds_the_inverse_of_the_swapped_registration():
+    image = pair(batch=1).double()
+    image[:, 0] += 0.1  # moving brighter: a translation of +1 voxel moving -> fixed
+    with torch.no_grad():
+        consistent = _Translation()
+        plain = consistent(image)
+        assert plain[0, 2].mean() > 0.5
+        # an inverse-consistent network: the inverse of fixed -> moving is moving -> fixed, nothing changes
+        got = RegistrationTestTimeInferer(symmetric=True)(image, consistent)
+        assert torch.allclose(got, plain, rtol=0, atol=1e-9)
+        # one that is not: the mean of its field and the inverse of the other direction's
+        inconsistent = _Translation(consistent=False)
+        got = RegistrationTestTimeInferer(symmetric=True)(image, inconsistent)
+        assert torch.allclose(got, torch.zeros_like(got), atol=1e-9)  # (+t + -t) / 2
+        # with a real network: the swapped pass really runs (the result moves away from the plain field)
+        net = randomise_heads(SpatialGradientRegNet(**SMALL), scale=0.3).double().eval()
+        both = RegistrationTestTimeInferer(symmetric=True)(image, net)
+        assert (both - net(image)).abs().max() > 0.05
+
+
 @pytest.mark.parametrize(
     "options",
     [{"flips": "all"}, {"steps": 30, "lr": 1.0}, {"steps": 10, "lr": 0.5, "grid": 2, "similarity": "mse"}],
