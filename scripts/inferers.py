@@ -118,10 +118,10 @@ class RegistrationTestTimeInferer(Inferer):
         members: Sequence[nn.Module] = (),
         symmetric: bool = False,
         steps: int = 0,
-        lr: float = 0.1,
+        lr: float = 0.01,
         similarity: str = "lncc",
         smooth_weight: float = 0.1,
-        grid: int = 1,
+        grid: int = 2,
         lncc_kernel_size: int = 9,
     ) -> None:
         super().__init__()
