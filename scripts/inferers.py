@@ -82,14 +82,12 @@ class RegistrationTestTimeInferer(Inferer):
       axes negated).
     - ``members``: more networks of the same input and output (e.g. independently trained models,
       loaded with ``scripts.weights.load_pretrained``); each runs on every flip.
-
     - ``symmetric``: also register fixed -> moving (the images swapped: what the network learnt in
       symmetric training) and use the inverse of that field (``scripts.deformation.invert_ddf``) as
       one more moving -> fixed estimate, for every flip and member.
-
-      The result is the mean of all these DDFs. A mean of DDFs is the DDF of the mean spatial
-      gradient g (integration is linear), and g of every member is positive, so the mean stays free
-      of self-crossing along each axis, as the network's own fields are (the inverse fields of
+    - The result of the above is the mean of all these DDFs. A mean of DDFs is the DDF of the mean
+      spatial gradient g (integration is linear), and g of every member is positive, so the mean stays
+      free of self-crossing along each axis, as the network's own fields are (the inverse fields of
       ``symmetric`` are not of that form: no such guarantee with it).
     - ``steps`` > 0: instance optimisation of that DDF for this one pair: the head's logits that give
       it (``logit(g / 2)``) plus a correction, on a grid ``grid`` times coarser than the image and
