@@ -258,3 +258,75 @@ def test_channels_last_training_step_matches_contiguous():
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     assert grads[0].norm() > 0
     assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 0.02
+
+
+# --------------------------------------------------------------------------- oneDNN convolutions on CPU
+def _conv_kernels(net, image):
+    """Names of the convolution kernels one eval forward pass runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        net(image)
+    return {e.key for e in prof.key_averages() if "conv" in e.key and "transpose" not in e.key}
+
+
+def test_batch1_cpu_inference_runs_every_convolution_on_onednn():
+    """PyTorch sends a batch-1 3D convolution with B * C * H * W <= 20480 to its slow native kernel;
+    the network's convolutions take oneDNN instead. The same network built of plain nn.Conv3d does
+    hit the slow kernel (so this test can fail), and gives the same field."""
+    from torch import nn
+
+    from scripts.networks import OneDNNConv3d
+
+    net = randomise_heads(SpatialGradientRegNet(channels=(8, 16, 32, 64, 128), deep_supervision=False)).eval()
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv3d)]
+    assert convs and all(type(m) is OneDNNConv3d for m in convs)
+    image = pair(batch=1, size=(32, 32, 32))
+    kernels = _conv_kernels(net, image)
+    assert "aten::mkldnn_convolution" in kernels and "aten::slow_conv3d_forward" not in kernels
+    with torch.inference_mode():
+        fast = net(image)
+    for m in convs:
+        m.__class__ = nn.Conv3d
+    assert "aten::slow_conv3d_forward" in _conv_kernels(net, image)
+    with torch.inference_mode():
+        plain = net(image)
+    assert fast.abs().max() > 1e-2 and torch.allclose(fast, plain, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS, ids=["contiguous", "channels_last_3d"])
+@pytest.mark.parametrize("stride, kernel, padding", [(1, 3, 1), (2, 2, 0)])
+def test_onednn_convolution_equals_conv3d_with_gradients(memory_format, stride, kernel, padding):
+    from torch import nn
+
+    from scripts.networks import OneDNNConv3d
+
+    torch.manual_seed(0)
+    ref = nn.Conv3d(16, 8, kernel, stride=stride, padding=padding).to(memory_format=memory_format)
+    fast = OneDNNConv3d(16, 8, kernel, stride=stride, padding=padding).to(memory_format=memory_format)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 16, 16, 16, 16).contiguous(memory_format=memory_format)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yf = ref(xr), fast(xf)
+    assert yf.shape == yr.shape and torch.allclose(yf, yr, rtol=1e-5, atol=1e-5)
+    weights = torch.randn(yr.shape)
+    (yr * weights).sum().backward()
+    (yf * weights).sum().backward()
+    for a, b in [(xr.grad, xf.grad), (ref.weight.grad, fast.weight.grad), (ref.bias.grad, fast.bias.grad)]:
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_onednn_path_is_not_exported_or_autocast():
+    """Scripting and tracing record the standard convolution (an exported model runs anywhere), and a
+    bfloat16 autocast still casts the convolutions."""
+    net = randomise_heads(SpatialGradientRegNet(**SMALL, deep_supervision=False)).eval()
+    image = pair(batch=1)
+    assert "mkldnn_convolution" not in str(torch.jit.script(net).inlined_graph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(net, image)
+    assert "mkldnn_convolution" not in str(traced.inlined_graph)
+    assert "aten::_convolution" in str(traced.inlined_graph)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        head_input = net.decoder(net.encoder(image[:, :1]))[-1]
+    assert head_input.dtype == torch.bfloat16
