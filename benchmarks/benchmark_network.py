@@ -17,6 +17,10 @@ batch (default 1). The network input is the pair, 2*C channels.
     # the shipped width, contiguous vs channels_last weights
     python benchmarks/benchmark_network.py --channels 8,16,32,64,128 --cases train:64x64x64:1:2 eval:64x64x64:1 \\
         --memory_formats contiguous channels_last --threads 2 --json benchmarks/network_w8_cpu.json
+    # the shipped model (no deep supervision): where a training step's and an inference's time goes
+    python benchmarks/benchmark_network.py --channels 8,16,32,64,128 --deep_supervision False \\
+        --cases train:64x64x64:1:2 eval:64x64x64:1 --memory_formats channels_last --threads 2 --profile 12 \\
+        --json benchmarks/network_w8_profile_cpu.json
 """
 
 from __future__ import annotations
@@ -54,7 +58,14 @@ def rss_mb() -> float:
 
 
 def worker(
-    case: dict, channels: tuple[int, ...], repeats: int, warmup: int, threads: int, memory_format: str = "contiguous"
+    case: dict,
+    channels: tuple[int, ...],
+    repeats: int,
+    warmup: int,
+    threads: int,
+    memory_format: str = "contiguous",
+    deep_supervision: bool = True,
+    profile: int = 0,
 ) -> dict:
     """One case in this (fresh) process; returns the measurements."""
     import warnings
@@ -68,7 +79,7 @@ def worker(
     from scripts.networks import SpatialGradientRegNet
 
     torch.manual_seed(0)
-    net = SpatialGradientRegNet(in_channels=case["in_channels"], channels=channels)
+    net = SpatialGradientRegNet(in_channels=case["in_channels"], channels=channels, deep_supervision=deep_supervision)
     if memory_format == "channels_last":  # the weights only, as train.json / inference.json --channels_last
         net = net.to(memory_format=torch.channels_last_3d)
     n_params = sum(p.numel() for p in net.parameters())
@@ -116,6 +127,24 @@ def worker(
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+    top = []
+    if profile:  # one more run under the profiler: where the time goes, by operator (self time)
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in ops)
+        top = [
+            {
+                "op": e.key,
+                "calls": e.count,
+                "self_s": e.self_cpu_time_total / 1e6,
+                "share": e.self_cpu_time_total / total,
+            }
+            for e in ops[:profile]
+        ]
     return {
         **case,
         "size": list(size),
@@ -129,6 +158,8 @@ def worker(
         "time_min_s": min(times),
         "peak_rss_mb": rss_mb(),
         "model_rss_mb": rss_model,
+        "deep_supervision": deep_supervision,
+        **({"profile_top": top} if top else {}),
     }
 
 
@@ -137,6 +168,7 @@ def run_case(case_text: str, args, memory_format: str) -> dict:
         sys.executable, __file__, "--worker", case_text, "--memory_formats", memory_format,
         "--channels", ",".join(map(str, args.channels)),
         "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads),
+        "--deep_supervision", str(args.deep_supervision), "--profile", str(args.profile),
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -184,6 +216,15 @@ def main(argv=None) -> int:
         default=["contiguous"],
         help="memory order of the weights; each case runs once per format (default: %(default)s)",
     )
+    parser.add_argument(
+        "--deep_supervision",
+        type=lambda s: {"true": True, "false": False}[s.lower()],
+        default=True,
+        help="True (default: the authors' network) or False (the shipped hippocampus model)",
+    )
+    parser.add_argument(
+        "--profile", type=int, default=0, help="N > 0: one more run per case under torch.profiler, its top N operators"
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = parser.parse_args(argv)
@@ -195,7 +236,17 @@ def main(argv=None) -> int:
 
     if args.worker:
         case = parse_case(args.worker)
-        print(json.dumps(worker(case, args.channels, args.repeats, args.warmup, args.threads, args.memory_formats[0])))
+        result = worker(
+            case,
+            args.channels,
+            args.repeats,
+            args.warmup,
+            args.threads,
+            args.memory_formats[0],
+            args.deep_supervision,
+            args.profile,
+        )
+        print(json.dumps(result))
         return 0
 
     import torch
@@ -211,6 +262,13 @@ def main(argv=None) -> int:
         "per case, each case in a fresh process.\n"
     )
     print(markdown(results))
+    for r in results:
+        if r.get("profile_top"):
+            print(
+                f"\n{r['mode']} {'x'.join(map(str, r['size']))} ({r['memory_format']}): self time by operator, one run"
+            )
+            for op in r["profile_top"]:
+                print(f"  {op['op']:<40} {op['calls']:>5} calls {op['self_s']:8.3f} s {100 * op['share']:5.1f} %")
     if args.json:
         meta = {
             "torch": torch.__version__,
