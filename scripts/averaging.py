@@ -16,7 +16,7 @@ import sys
 import torch
 
 from scripts.files import atomic_path, check_output_dir
-from scripts.weights import CheckpointError, read_state_dict
+from scripts.weights import CheckpointError, command_line, read_state_dict
 
 __all__ = ["average"]
 
@@ -63,14 +63,7 @@ def average(*paths: str, out: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line (see the module docstring); errors are one line on stderr and exit code 1."""
-    import fire
-
-    try:
-        fire.Fire(average, command=argv, serialize=lambda _: None)
-    except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return command_line(average, argv)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ __all__ = [
     "MAX_SECONDS",
     "WeightsError",
     "check_checkpoint",
+    "command_line",
     "download",
     "fetch",
     "hash_file",
@@ -457,16 +458,23 @@ def hash_file(path: str) -> str:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line (see the module docstring); errors are one line on stderr and exit code 1."""
+def command_line(component, argv: list[str] | None = None) -> int:
+    """Runs ``component`` (a function, or a dict of them for subcommands) as a ``fire`` command line
+    with ``argv`` (default ``sys.argv[1:]``): a weight-file, checkpoint or file-system error is one line
+    on stderr and exit code 1, without a traceback; 0 otherwise."""
     import fire
 
     try:
-        fire.Fire({"download": download, "hash": hash_file}, command=argv, serialize=lambda _: None)
-    except (WeightsError, CheckpointError) as e:
+        fire.Fire(component, command=argv, serialize=lambda _: None)
+    except (WeightsError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (see the module docstring); errors are one line on stderr and exit code 1."""
+    return command_line({"download": download, "hash": hash_file}, argv)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from scripts.files import atomic_path, check_output_dir
-from scripts.weights import CheckpointError, read_state_dict
+from scripts.weights import CheckpointError, command_line, read_state_dict
 
 __all__ = ["widen_state_dict", "widen"]
 
@@ -186,14 +186,7 @@ def widen(
 
 def main(argv: list[str] | None = None) -> int:
     """The command line (see the module docstring); errors are one line on stderr and exit code 1."""
-    import fire
-
-    try:
-        fire.Fire(widen, command=argv, serialize=lambda _: None)
-    except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return command_line(widen, argv)
 
 
 if __name__ == "__main__":
