@@ -6,12 +6,16 @@ Each variant is one ``python -m monai.bundle run --config_file configs/inference
 ``timing.csv`` (network passes, integration and the test-time work; reading and writing excluded).
 Variants run one after the other with ``--threads`` threads: run nothing else meanwhile.
 
-    # the table of docs/inference.md, "Test-time options" (40 validation pairs; ensemble_w8c and gpu_w16_*
-    # need machine-local weights, see VARIANTS)
+    # the tables of docs/inference.md, "Test-time options" (40 validation pairs; ensemble_w8c, gpu_w16_*
+    # and runs/model_v0.5.1.pt are machine-local weights, see VARIANTS and docs/training.md)
+    python benchmarks/benchmark_test_time.py --dataset_dir runs/HippocampusMR --threads 2 \\
+        --variants plain flips_all flips_0 symmetric io_lncc io_mse ensemble_w8c \\
+        --set "ensemble_v051=--ensemble_ckpts runs/model_v0.5.1.pt" --json benchmarks/test_time_val_v060.json
+    # (release 0.5.1's weights as models/model.pt:)
     python benchmarks/benchmark_test_time.py --dataset_dir runs/HippocampusMR --threads 2 \\
         --variants plain flips_all flips_0 flips_1 flips_2 symmetric io_lncc io_mse io_lncc_lr01_grid1 \\
         ensemble_w8c gpu_w16_plain gpu_w16_flips_all --json benchmarks/test_time_val.json
-    # instance-optimisation settings on 12 training pairs (not the pairs reported)
+    # instance-optimisation settings on 12 training pairs (not the pairs reported; release 0.5.1's weights)
     python benchmarks/benchmark_test_time.py --dataset_dir runs/HippocampusMR \\
         --pairs_selection benchmarks/tune_pairs_hippocampus.csv --variants plain symmetric io_lncc io_lncc_lr001 \\
         io_lncc_lr003_grid1 io_lncc_lr01 io_lncc_grid4_lr005 io_lncc_smooth1 io_mse io_mse_lr01_grid1 \\
