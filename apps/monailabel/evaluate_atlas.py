@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     with open(args.output, "w") as f:
         json.dump(
             {
-                "msd_dir": os.path.abspath(args.msd_dir),
+                "msd_dir": args.msd_dir,  # as given: no machine path in recorded results
                 "num_val": args.num_val,
                 "atlases": atlas_ids,
                 "cases": [r["id"] for r in rows],
