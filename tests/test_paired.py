@@ -20,13 +20,13 @@ def write_csv(path, rows, columns=("fixed_id", "moving_id", "dice", "hd95", "val
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow(dict(zip(columns, row)))
+            writer.writerow(dict(zip(columns, row, strict=True)))
     return path
 
 
 def scored(folder, dice, hd95, ids=None):
     ids = ids or [(f"{i:04d}", f"{i + 100:04d}") for i in range(len(dice))]
-    rows = [(f, m, d, h, True) for (f, m), d, h in zip(ids, dice, hd95)]
+    rows = [(f, m, d, h, True) for (f, m), d, h in zip(ids, dice, hd95, strict=True)]
     return write_csv(folder / "metrics_per_pair.csv", rows)
 
 
