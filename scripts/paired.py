@@ -155,10 +155,10 @@ def main(a: str, b: str, metrics=None, json_path: str | None = None) -> None:
     if isinstance(metrics, str):
         metrics = [metrics]
     result = compare(a, b, metrics)
-    print(format_comparison(result))
-    if json_path:
+    if json_path:  # before printing: a closed pipe (``| head``) must not lose the file
         with atomic_path(str(json_path)) as tmp, open(tmp, "w") as f:
             json.dump(result, f, indent=2)
+    print(format_comparison(result))
 
 
 if __name__ == "__main__":
