@@ -11,6 +11,8 @@ import numpy as np
 from monai.transforms import Randomizable, apply_transform
 from torch.utils.data import Dataset
 
+from scripts.transforms import source_name
+
 __all__ = ["PairDataset", "RandomPairDataset", "check_dataset"]
 
 
@@ -77,6 +79,13 @@ class RandomPairDataset(Dataset, Randomizable):
     def __getitem__(self, index: int) -> dict:
         self.randomize(index)
         moving, fixed = self.cases[index], self.cases[self._fixed]
+        m_shape, f_shape = tuple(moving["image"].shape[1:]), tuple(fixed["image"].shape[1:])
+        if m_shape != f_shape:
+            raise ValueError(
+                f"moving {source_name(moving['image'])} has shape {m_shape} and fixed {source_name(fixed['image'])} "
+                f"{f_shape} after preprocessing: a training pair needs one grid (resample or pad the cases to "
+                "one shape; train.json pads each case to --spatial_size, which must hold the largest image)"
+            )
         pair = {f"moving_{k}": moving[k] for k in self.keys if k in moving}
         pair.update({f"fixed_{k}": fixed[k] for k in self.keys if k in fixed})
         return apply_transform(self.transform, pair) if self.transform is not None else pair

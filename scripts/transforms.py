@@ -13,7 +13,7 @@ from scripts.learn2reg import HU_MAX_MINIMUM, check_hounsfield
 __all__ = ["CheckDivisibled", "CheckHounsfieldd", "CheckImageLabeld", "ToImageGridd", "pad_offsets"]
 
 
-def _name(x) -> str:
+def source_name(x) -> str:
     meta = getattr(x, "meta", {}) or {}
     return str(meta.get("filename_or_obj", "<in-memory image>"))
 
@@ -39,7 +39,7 @@ class CheckImageLabeld(MapTransform):
     def __call__(self, data):
         d = dict(data)
         image = d[self.image_key]
-        name = _name(image)
+        name = source_name(image)
         if image.ndim != 4 or image.shape[0] != self.in_channels:
             raise ValueError(
                 f"{name}: expected a 3-D image with {self.in_channels} channel(s), got array shape {tuple(image.shape)}"
@@ -51,7 +51,7 @@ class CheckImageLabeld(MapTransform):
             raise ValueError(f"{name}: image is constant ({float(values.max())}); nothing to register")
         if self.label_key in d:
             label = d[self.label_key]
-            lname = _name(label)
+            lname = source_name(label)
             if tuple(label.shape) != (1, *image.shape[1:]):
                 raise ValueError(
                     f"{lname}: label map shape {tuple(label.shape[1:])} differs from image {name} shape "
@@ -91,7 +91,7 @@ class CheckHounsfieldd(MapTransform):
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            check_hounsfield(d[key], _name(d[key]), self.max_minimum)
+            check_hounsfield(d[key], source_name(d[key]), self.max_minimum)
         return d
 
 
@@ -109,7 +109,7 @@ class CheckDivisibled(MapTransform):
             shape = tuple(d[key].shape[1:])
             if any(n % self.k for n in shape):
                 raise ValueError(
-                    f"{_name(d[key])}: spatial size {shape} is not a multiple of {self.k}; pad or resample it "
+                    f"{source_name(d[key])}: spatial size {shape} is not a multiple of {self.k}; pad or resample it "
                     f"(python -m scripts.ct_pair prepare writes grids that are)"
                 )
         return d
@@ -129,7 +129,7 @@ def pad_offsets(image) -> tuple[np.ndarray, tuple[int, ...]]:
         padded = (op.get("extra_info") or {}).get("padded")
         if op.get("class") not in _PADS or padded is None:
             raise ValueError(
-                f"{_name(image)}: {op.get('class')} cannot be undone by cropping; only padding is supported here"
+                f"{source_name(image)}: {op.get('class')} cannot be undone by cropping; only padding is supported here"
             )
         offset += np.array([before for before, _ in padded[1:]], dtype=int)
     shape = tuple(int(s) for s in ops[0]["orig_size"]) if ops else tuple(image.shape[1:])

@@ -4,7 +4,7 @@ up-front check of a pair list."""
 import numpy as np
 import pytest
 from conftest import smooth_volume
-from monai.data import DataLoader
+from monai.data import DataLoader, MetaTensor
 from monai.transforms import Compose, RandAffined, RandFlipd
 
 from scripts.data import PairDataset, RandomPairDataset, check_dataset
@@ -59,6 +59,20 @@ def test_fixed_choice_is_random_and_reproducible():
 
     assert draws(3) == draws(3)
     assert draws(3) != draws(4)
+
+
+def test_a_pair_on_two_grids_is_refused_naming_both_files():
+    """Cases padded to a canvas smaller than some images keep different shapes; the pair that meets
+    them is refused with both files and the option to change, not a collate or concatenation error."""
+    cases = [
+        {"image": MetaTensor(np.zeros((1, *shape), np.float32), meta={"filename_or_obj": f"case{i}.nii.gz"})}
+        for i, shape in enumerate([(32, 64, 48), (48, 64, 48)])
+    ]
+    ds = RandomPairDataset(cases).set_random_state(seed=0)
+    with pytest.raises(
+        ValueError, match=r"case0\.nii\.gz.*\(32, 64, 48\).*case1\.nii\.gz.*\(48, 64, 48\).*spatial_size"
+    ):
+        ds[0]
 
 
 def test_missing_label_keys_are_skipped():
