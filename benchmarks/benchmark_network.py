@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -275,6 +276,9 @@ def main(argv=None) -> int:
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "command": shlex.join(
+                ["python", "benchmarks/benchmark_network.py", *(sys.argv[1:] if argv is None else argv)]
+            ),
         }
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     return 1 if any("error" in r for r in results) else 0
