@@ -1,6 +1,8 @@
 """Tests of scripts/data.py: random and listed pairs, identical augmentation of both images, the
 up-front check of a pair list."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import smooth_volume
@@ -9,6 +11,7 @@ from monai.transforms import Compose, RandAffined, RandFlipd
 
 from scripts.data import PairDataset, RandomPairDataset, check_dataset
 
+ROOT = Path(__file__).resolve().parents[1]
 PAIR_KEYS = ["moving_image", "fixed_image", "moving_label", "fixed_label"]
 
 
@@ -114,6 +117,50 @@ def test_augmentation_is_identical_for_moving_and_fixed():
     # set_random_state reseeds the augmentation too: same seed, same outputs
     again = RandomPairDataset(same, transform=_augmentation()).set_random_state(seed=0)
     np.testing.assert_allclose(np.asarray(again[0]["moving_image"]), np.asarray(outs[0]["moving_image"]))
+
+
+def _train_augmentation(**overrides):
+    """configs/train.json's augmentation, as the bundle parses it, with overrides."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "train.json"))
+    parser.update(overrides)
+    return parser.get_parsed_content("augmentation", instantiate=True)
+
+
+def _same_pair(shape=(24, 28, 24)):
+    image = smooth_volume(shape, seed=1)[None]
+    label = (image > 0.55).astype(np.float32) + (image > 0.75)  # labels 0, 1, 2
+    return [{"image": image.copy(), "label": label.copy()} for _ in range(2)], image, label
+
+
+def test_train_config_augments_both_images_alike_by_default():
+    cases, image, _ = _same_pair()
+    ds = RandomPairDataset(cases, transform=_train_augmentation(aug_prob=1.0)).set_random_state(seed=0)
+    out = ds[0]
+    np.testing.assert_array_equal(np.asarray(out["moving_image"]), np.asarray(out["fixed_image"]))
+    np.testing.assert_array_equal(np.asarray(out["moving_label"]), np.asarray(out["fixed_label"]))
+    assert not np.allclose(np.asarray(out["moving_image"]), image, atol=1e-3)
+
+
+def test_elastic_prob_deforms_each_image_on_its_own():
+    """--elastic_prob: a separate random elastic deformation per image (new shapes, not only new poses);
+    the label follows its image (nearest neighbour, the same label values) and the grid is kept."""
+    cases, image, label = _same_pair()
+    aug = _train_augmentation(aug_prob=0.0, elastic_prob=1.0, elastic_magnitude=[150.0, 150.0])
+    ds = RandomPairDataset(cases, transform=aug).set_random_state(seed=0)
+    for i in range(2):
+        out = ds[i]
+        moving, fixed = np.asarray(out["moving_image"]), np.asarray(out["fixed_image"])
+        assert moving.shape == fixed.shape == image.shape
+        assert np.abs(moving - fixed).mean() > 0.01  # the two draws differ
+        for key, img in (("moving", moving), ("fixed", fixed)):
+            lab = np.asarray(out[f"{key}_label"])
+            assert set(np.unique(lab)) <= {0.0, 1.0, 2.0}
+            assert 0 < (lab != label).mean() < 0.2  # deformed, not scrambled
+            # the warped label still marks the bright warped voxels: the label follows its own image
+            assert img[lab == 2].mean() > img[lab == 1].mean() > img[lab == 0].mean()
 
 
 def test_random_pairs_collate_in_a_dataloader():
