@@ -1,5 +1,5 @@
 """Tests of scripts/data.py: random and listed pairs, identical augmentation of both images, the
-up-front check of a pair list."""
+up-front check of a pair list; configs/train.json's augmentation as parsed (elastic per image)."""
 
 from pathlib import Path
 
