@@ -48,6 +48,9 @@ VARIANTS: dict[str, list[str]] = {
     "flips_0": ["--tta_flips", "[[0]]"],
     "flips_1": ["--tta_flips", "[[1]]"],
     "flips_2": ["--tta_flips", "[[2]]"],
+    "sigma_05": ["--field_sigma", "0.5"],
+    "sigma_075": ["--field_sigma", "0.75"],
+    "sigma_1": ["--field_sigma", "1.0"],
     "symmetric": ["--tta_symmetric", "True"],
     "ensemble_w8c": ["--ensemble_ckpts", "['runs/w8c/avg1-6.pt']"],  # CPU continuation of docs/training.md
     "io_lncc": ["--io_steps", "20"],  # the defaults: lr 0.01 on a grid 2 times coarser

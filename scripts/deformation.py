@@ -13,12 +13,14 @@ import math
 
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import gaussian_1d, separable_filtering
 
 __all__ = [
     "ddf_to_gradient",
     "flip_ddf",
     "gradient_to_ddf",
     "invert_ddf",
+    "smooth_ddf",
     "warp_image",
     "warp_labels_onehot",
     "warp_labels_nearest",
@@ -152,6 +154,31 @@ def invert_ddf(ddf: torch.Tensor, iterations: int = 20) -> torch.Tensor:
     for _ in range(int(iterations)):
         v = -warp_image(ddf, v, padding="border")
     return v
+
+
+def smooth_ddf(ddf: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``ddf`` smoothed by a Gaussian of ``sigma`` voxels along each spatial axis: MONAI's sampled,
+    normalised ``gaussian_1d`` truncated at 4 sigma, applied by ``separable_filtering`` with the borders
+    replicated (the same as ``scipy.ndimage.gaussian_filter(mode="nearest")`` per channel).
+
+    A translation (a constant field) is unchanged to rounding, the identity exactly. The forward differences of the
+    result are those of ``ddf`` averaged by a normalised non-negative kernel, the replicated border
+    contributing differences of 0 (g == 1): so g of the result is positive wherever g of ``ddf`` is, at
+    every index but 0 along each axis (index 0 is the border sample ``ddf + 1``, not a difference), and
+    a field without self-crossing along an axis keeps that property. ``sigma`` 0 returns ``ddf`` itself.
+
+    Args:
+        ddf: (B, 3, H, W, D) in voxels. sigma: standard deviation in voxels, not negative.
+    """
+    sigma = float(sigma)
+    if not sigma >= 0:  # also catches nan
+        raise ValueError(f"sigma must not be negative, got {sigma}")
+    if sigma == 0:
+        return ddf
+    if ddf.ndim != 5 or ddf.shape[1] != 3:
+        raise ValueError(f"ddf must be (B, 3, H, W, D), got shape {list(ddf.shape)}")
+    kernel = gaussian_1d(torch.tensor(sigma, dtype=torch.float64), truncated=4.0, approx="sampled", normalize=True)
+    return separable_filtering(ddf, [kernel.to(device=ddf.device, dtype=ddf.dtype)] * 3, mode="replicate")
 
 
 def warp_image(image: torch.Tensor, ddf: torch.Tensor, padding: str = "border") -> torch.Tensor:

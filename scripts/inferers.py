@@ -19,7 +19,7 @@ from monai.inferers import Inferer
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from scripts.deformation import ddf_to_gradient, flip_ddf, gradient_to_ddf, invert_ddf, warp_image
+from scripts.deformation import ddf_to_gradient, flip_ddf, gradient_to_ddf, invert_ddf, smooth_ddf, warp_image
 from scripts.losses import LocalNCCLoss
 from scripts.networks import SpatialGradientRegNet, logits_to_gradient
 
@@ -95,10 +95,13 @@ class RegistrationTestTimeInferer(Inferer):
       "lncc" or "mse") between the warped moving and the fixed image, plus ``smooth_weight`` times
       the training regulariser mean |sigmoid - 0.5|. g = 2 * sigmoid stays in (0, 2). The correction
       starts at zero, so the start is the network's prediction.
+    - ``sigma`` > 0: last, the field is smoothed by a Gaussian of ``sigma`` voxels
+      (``scripts.deformation.smooth_ddf``: borders replicated, translations unchanged; a positive g
+      stays positive).
 
     Args:
         inferer: runs each network pass (each flip, each member); ``RegistrationInferer()`` if None.
-        flips, members, symmetric, steps, lr, similarity, smooth_weight, grid: as above.
+        flips, members, symmetric, steps, lr, similarity, smooth_weight, grid, sigma: as above.
         lncc_kernel_size: window of the "lncc" similarity (the training default, 9).
 
     The optimisation runs in float32 (float64 for a float64 network) whatever the enclosing autocast
@@ -121,6 +124,7 @@ class RegistrationTestTimeInferer(Inferer):
         smooth_weight: float = 0.1,
         grid: int = 2,
         lncc_kernel_size: int = 9,
+        sigma: float = 0.0,
     ) -> None:
         super().__init__()
         self.inferer = RegistrationInferer() if inferer is None else inferer
@@ -143,6 +147,9 @@ class RegistrationTestTimeInferer(Inferer):
                 f"lr={lr}, smooth_weight={smooth_weight}, grid={grid}"
             )
         self.steps, self.lr, self.smooth_weight, self.grid = int(steps), float(lr), float(smooth_weight), int(grid)
+        self.sigma = float(sigma)
+        if not self.sigma >= 0:
+            raise ValueError(f"sigma (the field's Gaussian smoothing, voxels) must not be negative, got {sigma}")
         if similarity == "lncc":
             self.similarity: nn.Module = LocalNCCLoss(kernel_size=lncc_kernel_size)
         elif similarity == "mse":
@@ -163,7 +170,9 @@ class RegistrationTestTimeInferer(Inferer):
                     swapped = torch.cat([flipped[:, c:], flipped[:, :c]], dim=1)
                     ddfs.append(invert_ddf(flip_ddf(self.inferer(swapped, net), axes)))
         ddf = ddfs[0] if len(ddfs) == 1 else torch.stack(ddfs).mean(0)
-        return self.optimise(inputs, ddf) if self.steps else ddf
+        if self.steps:
+            ddf = self.optimise(inputs, ddf)
+        return smooth_ddf(ddf, self.sigma)
 
     def optimise(self, inputs: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
         """Instance optimisation (see the class) of ``ddf`` (B, 3, H, W, D) for the pair ``inputs``."""

@@ -3,18 +3,13 @@ against hand computations and ``scipy.ndimage.map_coordinates`` (what the Learn2
 
 import numpy as np
 import pytest
+import scipy.ndimage
 import torch
 from conftest import map_coordinates_warp, smooth_ddf, smooth_volume
 
-from scripts.deformation import (
-    ddf_to_gradient,
-    flip_ddf,
-    gradient_to_ddf,
-    invert_ddf,
-    warp_image,
-    warp_labels_nearest,
-    warp_labels_onehot,
-)
+from scripts.deformation import ddf_to_gradient, flip_ddf, gradient_to_ddf, invert_ddf
+from scripts.deformation import smooth_ddf as smooth_field
+from scripts.deformation import warp_image, warp_labels_nearest, warp_labels_onehot
 
 SHAPE = (12, 14, 16)  # anisotropic on purpose: a swapped axis would break shapes or values
 
@@ -244,3 +239,38 @@ def test_invert_ddf_composes_to_the_identity():
     # also a left inverse, to the trilinear interpolation error of v between voxels
     assert (u + warp_image(v, u, padding="border"))[inner].abs().max() < 0.1
     assert (-u - v)[inner].abs().max() > 0.05  # not merely the negated field
+
+
+# --------------------------------------------------------------------------- smooth_ddf
+@pytest.mark.parametrize("sigma", [0.5, 1.0])
+def test_smooth_field_is_scipy_gaussian_filter_with_nearest_borders(sigma):
+    u = torch.from_numpy(smooth_ddf(SHAPE, amplitude=3.0, seed=2, sigma=1.0))[None].double()
+    got = smooth_field(u, sigma)
+    want = np.stack(
+        [scipy.ndimage.gaussian_filter(u[0, c].numpy(), sigma, mode="nearest", truncate=4.0) for c in range(3)]
+    )
+    np.testing.assert_allclose(got[0].numpy(), want, rtol=0, atol=1e-5)  # MONAI builds the kernel in float32
+    assert (got - u).abs().max() > 0.05  # it does smooth
+
+
+def test_smooth_field_keeps_translations_and_positive_gradients():
+    shift = torch.full((1, 3, *SHAPE), 2.5)
+    assert (smooth_field(shift, 1.0) - shift).abs().max() < 1e-6  # to rounding
+    u = torch.zeros(1, 3, *SHAPE)
+    assert smooth_field(u, 0.0) is u
+    # g near its bounds (0, 2): rough, folding-prone fields; smoothing keeps g > 0 (index 0 is a border sample)
+    gen = torch.Generator().manual_seed(3)
+    g = torch.where(torch.rand(2, 3, *SHAPE, generator=gen, dtype=torch.float64) < 0.5, 1e-3, 1.999)
+    rough = gradient_to_ddf(g)
+    smooth = smooth_field(rough, 1.0)
+    gs = ddf_to_gradient(smooth)[..., 1:, 1:, 1:]
+    assert (gs > 0).all() and gs.std() < 0.5 * ddf_to_gradient(rough)[..., 1:, 1:, 1:].std()
+
+
+def test_smooth_field_errors():
+    with pytest.raises(ValueError, match="must not be negative"):
+        smooth_field(torch.zeros(1, 3, *SHAPE), -1.0)
+    with pytest.raises(ValueError, match="must not be negative"):
+        smooth_field(torch.zeros(1, 3, *SHAPE), float("nan"))
+    with pytest.raises(ValueError, match="ddf must be"):
+        smooth_field(torch.zeros(1, 2, *SHAPE), 1.0)

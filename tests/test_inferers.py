@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import scripts.inferers
 import scripts.networks
-from scripts.deformation import ddf_to_gradient, flip_ddf, gradient_to_ddf, warp_image
+from scripts.deformation import ddf_to_gradient, flip_ddf, gradient_to_ddf, smooth_ddf, warp_image
 from scripts.inferers import LowMemoryRegistrationInferer, RegistrationInferer, RegistrationTestTimeInferer
 from scripts.losses import LocalNCCLoss
 from scripts.networks import SpatialGradientRegNet
@@ -369,6 +369,19 @@ def test_instance_optimisation_starts_from_the_network_and_improves_the_similari
     assert not moved.requires_grad
 
 
+def test_field_smoothing_is_the_last_step_and_keeps_the_gradient_positive():
+    net = randomise_heads(SpatialGradientRegNet(**SMALL), scale=1.0).double().eval()
+    image = pair(batch=1).double()
+    with torch.no_grad():
+        plain = RegistrationInferer()(image, net)
+        got = RegistrationTestTimeInferer(sigma=1.0)(image, net)
+        flipped = RegistrationTestTimeInferer(flips=[[0]], sigma=0.75)(image, net)
+        flipped_plain = RegistrationTestTimeInferer(flips=[[0]])(image, net)
+    assert torch.allclose(got, smooth_ddf(plain, 1.0), rtol=0, atol=1e-12) and (got - plain).abs().max() > 0.1
+    assert torch.allclose(flipped, smooth_ddf(flipped_plain, 0.75), rtol=0, atol=1e-12)
+    assert ddf_to_gradient(plain).amin() < 1e-2 and (ddf_to_gradient(got)[..., 1:, 1:, 1:] > 0).all()
+
+
 def test_test_time_option_errors():
     with pytest.raises(ValueError, match="flips must be 'all'"):
         RegistrationTestTimeInferer(flips="some")
@@ -378,3 +391,5 @@ def test_test_time_option_errors():
         RegistrationTestTimeInferer(steps=1, similarity="mi")
     with pytest.raises(ValueError, match="grid must be at least 1"):
         RegistrationTestTimeInferer(steps=1, grid=0)
+    with pytest.raises(ValueError, match="sigma .* must not be negative"):
+        RegistrationTestTimeInferer(sigma=-0.5)
