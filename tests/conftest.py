@@ -45,3 +45,32 @@ def map_coordinates_warp(image, ddf, order):
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that share a module-scoped fixture (a prepared dataset, a trained network, a server) form
+    one xdist group, so that ``-n 2`` (with ``--dist loadgroup``, pytest.ini) builds the fixture once
+    instead of once in each worker process. Others are spread one by one."""
+    parent = {}
+
+    def find(key):
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    shared = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        names = [
+            n
+            for n in (info.names_closure if info else [])
+            if n in info.name2fixturedefs and info.name2fixturedefs[n][-1].scope == "module"
+        ]
+        keys = [(item.module.__name__, n) for n in names]
+        for key in keys[1:]:
+            parent[find(key)] = find(keys[0])
+        if keys:
+            shared[item] = keys[0]
+    for item, key in shared.items():
+        root = find(key)
+        item.add_marker(pytest.mark.xdist_group(f"{root[0]}.{root[1]}"))

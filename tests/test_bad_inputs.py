@@ -33,7 +33,7 @@ MOVING = "HippocampusMR_0394_0000.nii.gz"  # ... and its moving image
 pytestmark = pytest.mark.slow  # end-to-end runs of the real commands
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # cheap: built in each worker, not grouped
 def ckpt(tmp_path_factory) -> Path:
     """A state dict of the inference config's own network (random weights): models/model.pt may not exist."""
     from monai.bundle import ConfigParser

@@ -77,7 +77,7 @@ def assert_normal_permissions(folder):
         assert mode == expected, f"{path}: {oct(mode)} instead of {oct(expected)}"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # cheap: built in each worker, not grouped
 def untrained_ckpt(tmp_path_factory):
     """A CT-overlay network of tiny width at initialisation (the identity): no CT weights can be
     trained on this machine, and the geometry checks below need a known deformation."""
@@ -299,7 +299,7 @@ def test_ct_overlay_refuses_images_without_hu(tmp_path, untrained_ckpt):
 
 
 # --------------------------------------------------------------------------- refused through the command line
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # cheap: built in each worker, not grouped
 def shared_inputs():
     """The fingerprint of the shared scans, compared after every refusal: inputs are only read."""
     return fingerprint(A_CT, A_LAB, B_DICOM, B_LAB)
