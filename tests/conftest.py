@@ -47,6 +47,7 @@ def _seed():
     np.random.seed(0)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Tests that share a module-scoped fixture (a prepared dataset, a trained network, a server) form
     one xdist group, so that ``-n 2`` (with ``--dist loadgroup``, pytest.ini) builds the fixture once
