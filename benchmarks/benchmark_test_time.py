@@ -15,6 +15,9 @@ Variants run one after the other with ``--threads`` threads: run nothing else me
     python benchmarks/benchmark_test_time.py --dataset_dir runs/HippocampusMR --threads 2 \\
         --variants plain flips_all flips_0 flips_1 flips_2 symmetric io_lncc io_mse io_lncc_lr01_grid1 \\
         ensemble_w8c gpu_w16_plain gpu_w16_flips_all --json benchmarks/test_time_val.json
+    # iterative refinement (shipped weights)
+    python benchmarks/benchmark_test_time.py --dataset_dir runs/HippocampusMR --threads 2 \\
+        --variants plain passes_2 passes_3 --json benchmarks/test_time_val_passes.json
     # instance-optimisation settings on 12 training pairs (not the pairs reported; release 0.5.1's weights)
     python benchmarks/benchmark_test_time.py --dataset_dir runs/HippocampusMR \\
         --pairs_selection benchmarks/tune_pairs_hippocampus.csv --variants plain symmetric io_lncc io_lncc_lr001 \\
@@ -52,6 +55,8 @@ VARIANTS: dict[str, list[str]] = {
     "sigma_075": ["--field_sigma", "0.75"],
     "sigma_1": ["--field_sigma", "1.0"],
     "symmetric": ["--tta_symmetric", "True"],
+    "passes_2": ["--refine_passes", "2"],
+    "passes_3": ["--refine_passes", "3"],
     "ensemble_w8c": ["--ensemble_ckpts", "['runs/w8c/avg1-6.pt']"],  # CPU continuation of docs/training.md
     "io_lncc": ["--io_steps", "20"],  # the defaults: lr 0.01 on a grid 2 times coarser
     "io_lncc_lr01_grid1": ["--io_steps", "20", "--io_lr", "0.1", "--io_grid", "1"],

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from monai.networks.layers import gaussian_1d, separable_filtering
 
 __all__ = [
+    "compose_ddf",
     "ddf_to_gradient",
     "flip_ddf",
     "gradient_to_ddf",
@@ -154,6 +155,24 @@ def invert_ddf(ddf: torch.Tensor, iterations: int = 20) -> torch.Tensor:
     for _ in range(int(iterations)):
         v = -warp_image(ddf, v, padding="border")
     return v
+
+
+def compose_ddf(first: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
+    """The DDF of warping by ``first``, then warping the result by ``then``: w(x) = then(x) + first(x + then(x)).
+
+    With ``warp_image(image, u)(x) = image(x + u(x))``: ``warp_image(warp_image(m, first), then)`` samples m
+    at x + w(x). ``first`` is sampled trilinearly with border padding (outside the grid it keeps its edge
+    value). The Jacobian of the composed map is the product of the two maps' Jacobians (at x + then(x)
+    and x), so it is positive wherever both are.
+
+    Args:
+        first, then: (B, 3, H, W, D) in voxels.
+    """
+    if first.shape != then.shape or first.ndim != 5 or first.shape[1] != 3:
+        raise ValueError(
+            f"both fields must be (B, 3, H, W, D) of one shape, got {list(first.shape)} and {list(then.shape)}"
+        )
+    return then + warp_image(first, then, padding="border")
 
 
 def smooth_ddf(ddf: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -19,7 +19,15 @@ from monai.inferers import Inferer
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from scripts.deformation import ddf_to_gradient, flip_ddf, gradient_to_ddf, invert_ddf, smooth_ddf, warp_image
+from scripts.deformation import (
+    compose_ddf,
+    ddf_to_gradient,
+    flip_ddf,
+    gradient_to_ddf,
+    invert_ddf,
+    smooth_ddf,
+    warp_image,
+)
 from scripts.losses import LocalNCCLoss
 from scripts.networks import SpatialGradientRegNet, logits_to_gradient
 
@@ -73,7 +81,7 @@ class RegistrationInferer(Inferer):
 
 class RegistrationTestTimeInferer(Inferer):
     """Test-time options around a registration inferer (``inferer``: ``RegistrationInferer`` by default,
-    ``LowMemoryRegistrationInferer`` for whole CT): flip augmentation, an ensemble of networks, and
+    ``LowMemoryRegistrationInferer`` for whole CT): flip augmentation, an ensemble of networks, iterative refinement and
     instance optimisation. With none of them (the defaults) it is ``inferer`` itself.
 
     - ``flips``: besides the images as they are, register them flipped along these spatial axes
@@ -89,6 +97,12 @@ class RegistrationTestTimeInferer(Inferer):
       spatial gradient g (integration is linear), and g of every member is positive, so the mean stays
       free of self-crossing along each axis, as the network's own fields are (the inverse fields of
       ``symmetric`` are not of that form: no such guarantee with it).
+    - ``passes`` > 1: iterative refinement. The moving image is warped by the field so far (trilinear,
+      border padding) and registered again to the fixed image with all of the above; the new field
+      is composed with the one so far (``scripts.deformation.compose_ddf``), ``passes`` times in all.
+      The composed map's Jacobian determinant is the product of the two maps' (at corresponding
+      points): it folds only where one of them does, but g along an axis may leave (0, 2). Each pass
+      costs one more set of network passes.
     - ``steps`` > 0: instance optimisation of that DDF for this one pair: the head's logits that give
       it (``logit(g / 2)``) plus a correction, on a grid ``grid`` times coarser than the image and
       upsampled trilinearly, minimised with Adam (``lr``) on ``similarity`` (the training loss's
@@ -101,7 +115,7 @@ class RegistrationTestTimeInferer(Inferer):
 
     Args:
         inferer: runs each network pass (each flip, each member); ``RegistrationInferer()`` if None.
-        flips, members, symmetric, steps, lr, similarity, smooth_weight, grid, sigma: as above.
+        flips, members, symmetric, passes, steps, lr, similarity, smooth_weight, grid, sigma: as above.
         lncc_kernel_size: window of the "lncc" similarity (the training default, 9).
 
     The optimisation runs in float32 (float64 for a float64 network) whatever the enclosing autocast
@@ -118,6 +132,7 @@ class RegistrationTestTimeInferer(Inferer):
         flips: str | Sequence[Sequence[int]] = (),
         members: Sequence[nn.Module] = (),
         symmetric: bool = False,
+        passes: int = 1,
         steps: int = 0,
         lr: float = 0.01,
         similarity: str = "lncc",
@@ -141,6 +156,11 @@ class RegistrationTestTimeInferer(Inferer):
                 self.flips.append(axes)
         self.members = list(members)
         self.symmetric = bool(symmetric)
+        if int(passes) != passes or int(passes) < 1:
+            raise ValueError(
+                f"passes (registrations composed, 1 = no refinement) must be a positive integer, got {passes!r}"
+            )
+        self.passes = int(passes)
         if int(steps) < 0 or float(lr) < 0 or float(smooth_weight) < 0 or int(grid) < 1:
             raise ValueError(
                 f"steps, lr and smooth_weight must not be negative and grid must be at least 1, got steps={steps}, "
@@ -158,9 +178,23 @@ class RegistrationTestTimeInferer(Inferer):
             raise ValueError(f"similarity must be 'lncc' or 'mse', got {similarity!r}")
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
-        ddfs = []
         for member in self.members:  # built from the network before the evaluator put it in eval mode
             member.train(network.training)
+        ddf = self.estimate(inputs, network)
+        c = inputs.shape[1] // 2
+        for _ in range(self.passes - 1):
+            moved = warp_image(inputs[:, :c].as_subclass(torch.Tensor), ddf.to(inputs.dtype)).to(inputs.dtype)
+            ddf = compose_ddf(
+                ddf, self.estimate(torch.cat([moved, inputs[:, c:].as_subclass(torch.Tensor)], 1), network)
+            )
+        if self.steps:
+            ddf = self.optimise(inputs, ddf)
+        return smooth_ddf(ddf, self.sigma)
+
+    def estimate(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
+        """One registration of the pair ``inputs``: the mean DDF over flips, members and the symmetric
+        estimate (see the class)."""
+        ddfs = []
         for net in [network, *self.members]:
             for axes in self.flips:
                 flipped = inputs.flip([a + 2 for a in axes]) if axes else inputs
@@ -169,10 +203,7 @@ class RegistrationTestTimeInferer(Inferer):
                     c = inputs.shape[1] // 2
                     swapped = torch.cat([flipped[:, c:], flipped[:, :c]], dim=1)
                     ddfs.append(invert_ddf(flip_ddf(self.inferer(swapped, net), axes)))
-        ddf = ddfs[0] if len(ddfs) == 1 else torch.stack(ddfs).mean(0)
-        if self.steps:
-            ddf = self.optimise(inputs, ddf)
-        return smooth_ddf(ddf, self.sigma)
+        return ddfs[0] if len(ddfs) == 1 else torch.stack(ddfs).mean(0)
 
     def optimise(self, inputs: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
         """Instance optimisation (see the class) of ``ddf`` (B, 3, H, W, D) for the pair ``inputs``."""

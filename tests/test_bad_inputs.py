@@ -538,6 +538,8 @@ def test_test_time_options_run_and_a_wrong_ensemble_member_is_refused(tmp_path, 
         "2",
         "--field_sigma",
         "0.5",
+        "--refine_passes",
+        "2",
     ]
     out = tmp_path / "out"
     proc = infer(data, out, ckpt, *args, *options)
@@ -545,6 +547,7 @@ def test_test_time_options_run_and_a_wrong_ensemble_member_is_refused(tmp_path, 
     manifest = json.loads((out / "manifest.json").read_text())["settings"]
     assert manifest["tta_flips"] == [[0], [1, 2]] and manifest["ensemble_ckpts"] == [str(ckpt)]
     assert manifest["io_steps"] == 2 and manifest["io_grid"] == 2 and manifest["field_sigma"] == 0.5
+    assert manifest["refine_passes"] == 2
     _outputs_are_sane(out, [("0367", "0394")])
 
     # a member of another architecture, or a missing one: refused naming the file, nothing written

@@ -7,7 +7,7 @@ import scipy.ndimage
 import torch
 from conftest import map_coordinates_warp, smooth_ddf, smooth_volume
 
-from scripts.deformation import ddf_to_gradient, flip_ddf, gradient_to_ddf, invert_ddf
+from scripts.deformation import compose_ddf, ddf_to_gradient, flip_ddf, gradient_to_ddf, invert_ddf
 from scripts.deformation import smooth_ddf as smooth_field
 from scripts.deformation import warp_image, warp_labels_nearest, warp_labels_onehot
 
@@ -239,6 +239,27 @@ def test_invert_ddf_composes_to_the_identity():
     # also a left inverse, to the trilinear interpolation error of v between voxels
     assert (u + warp_image(v, u, padding="border"))[inner].abs().max() < 0.1
     assert (-u - v)[inner].abs().max() > 0.05  # not merely the negated field
+
+
+def test_compose_ddf_is_warping_twice():
+    first = torch.from_numpy(smooth_ddf(SHAPE, amplitude=2.0, seed=3, sigma=3.0))[None].double()
+    then = torch.from_numpy(smooth_ddf(SHAPE, amplitude=1.5, seed=4, sigma=3.0))[None].double()
+    # a linear image: trilinear interpolation is exact on it, so warping twice equals one warp by the
+    # composition wherever both warps sample inside the grid
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in SHAPE], indexing="ij"))
+    moving = (0.3 * grid[0] - 0.7 * grid[1] + 1.1 * grid[2])[None, None]
+    both = compose_ddf(first, then)
+    inner = (slice(None), slice(None), *[slice(4, -4)] * 3)
+    twice = warp_image(warp_image(moving, first), then)
+    assert torch.allclose(warp_image(moving, both)[inner], twice[inner], rtol=0, atol=1e-9)
+    # the order matters, and composing with zero changes nothing
+    assert (compose_ddf(then, first) - both)[inner].abs().max() > 0.05
+    assert torch.allclose(compose_ddf(first, torch.zeros_like(first)), first, rtol=0, atol=1e-12)
+    assert torch.equal(compose_ddf(torch.zeros_like(then), then), then)
+    # a field and its inverse compose to the identity
+    assert compose_ddf(first, invert_ddf(first, iterations=30))[inner].abs().max() < 1e-4
+    with pytest.raises(ValueError, match="one shape"):
+        compose_ddf(first, then[..., :-1])
 
 
 # --------------------------------------------------------------------------- smooth_ddf

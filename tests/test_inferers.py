@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import scripts.inferers
 import scripts.networks
-from scripts.deformation import ddf_to_gradient, flip_ddf, gradient_to_ddf, smooth_ddf, warp_image
+from scripts.deformation import compose_ddf, ddf_to_gradient, flip_ddf, gradient_to_ddf, smooth_ddf, warp_image
 from scripts.inferers import LowMemoryRegistrationInferer, RegistrationInferer, RegistrationTestTimeInferer
 from scripts.losses import LocalNCCLoss
 from scripts.networks import SpatialGradientRegNet
@@ -382,7 +382,27 @@ def test_field_smoothing_is_the_last_step_and_keeps_the_gradient_positive():
     assert ddf_to_gradient(plain).amin() < 1e-2 and (ddf_to_gradient(got)[..., 1:, 1:, 1:] > 0).all()
 
 
+def test_refinement_passes_register_the_warped_image_again_and_compose():
+    net = randomise_heads(SpatialGradientRegNet(**SMALL), scale=0.3).double().eval()
+    image = pair(batch=1).double()
+    with torch.no_grad():
+        first = RegistrationInferer()(image, net)
+        moved = warp_image(image[:, :1], first)
+        second = RegistrationInferer()(torch.cat([moved, image[:, 1:]], 1), net)
+        assert torch.equal(RegistrationTestTimeInferer(passes=1)(image, net), first)
+        got = RegistrationTestTimeInferer(passes=2)(image, net)
+        three = RegistrationTestTimeInferer(passes=3)(image, net)
+    assert torch.allclose(got, compose_ddf(first, second), rtol=0, atol=1e-12)
+    assert (got - first).abs().max() > 0.1 and (three - got).abs().max() > 0.01
+    # a network that predicts the identity stays the identity however many passes
+    still = randomise_heads(SpatialGradientRegNet(**SMALL), scale=0.0).double().eval()
+    with torch.no_grad():
+        assert RegistrationTestTimeInferer(passes=3)(image, still).abs().max() < 1e-12
+
+
 def test_test_time_option_errors():
+    with pytest.raises(ValueError, match="passes .* positive integer"):
+        RegistrationTestTimeInferer(passes=0)
     with pytest.raises(ValueError, match="flips must be 'all'"):
         RegistrationTestTimeInferer(flips="some")
     with pytest.raises(ValueError, match="spatial axes 0, 1, 2"):
