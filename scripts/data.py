@@ -28,6 +28,13 @@ class RandomPairDataset(Dataset, Randomizable):
         keys: which keys of a case to carry into the pair.
         group_key: if given, the fixed image is drawn among the cases with the same value of this
             key (pretraining draws pairs within a cohort: ``"cohort"``).
+        identity_prob: probability that the fixed image is the moving case itself (the same image and
+            label, then the pair's augmentation: identical unless a transform draws per image, as
+            ``--elastic_prob`` does). Such a pair is registered by the identity: it teaches the network
+            what it never sees in pairs of two subjects. Its siamese encoder subtracts the two encodings,
+            so for identical images the decoder sees zeros and returns one fixed field whatever the image;
+            trained on pairs of distinct cases only, that field is not the identity. 0 (the default)
+            draws no extra random number, so existing runs draw the same pairs.
 
     MONAI's DataLoader reseeds this dataset per worker through ``set_random_state``, which also
     reseeds the transform, so workers draw different pairs and augmentations.
@@ -39,10 +46,14 @@ class RandomPairDataset(Dataset, Randomizable):
         transform: Callable | None = None,
         keys=("image", "label"),
         group_key: str | None = None,
+        identity_prob: float = 0.0,
     ) -> None:
         if len(cases) < 2:
             raise ValueError(f"random pairs need at least 2 cases, got {len(cases)}")
+        if not 0.0 <= float(identity_prob) <= 1.0:
+            raise ValueError(f"identity_prob must be a probability in [0, 1], got {identity_prob!r}")
         self.cases, self.transform, self.keys = cases, transform, tuple(keys)
+        self.identity_prob = float(identity_prob)
         self._fixed = 0
         self._groups: list[list[int]] | None = None
         if group_key is not None:
@@ -66,7 +77,10 @@ class RandomPairDataset(Dataset, Randomizable):
         return self
 
     def randomize(self, moving_index: int) -> None:
-        # Any case but the moving one (of the same group).
+        # Any case but the moving one (of the same group); the moving one itself with identity_prob.
+        if self.identity_prob and self.R.random_sample() < self.identity_prob:
+            self._fixed = moving_index
+            return
         if self._groups is None:
             j = int(self.R.randint(len(self.cases) - 1))
             self._fixed = j + (j >= moving_index)

@@ -48,6 +48,28 @@ def test_random_pairs_never_self_and_moving_is_the_index():
     assert all(fixed_seen[i] == set(range(n)) - {i} for i in range(n))
 
 
+def test_identity_prob_pairs_a_case_with_itself_that_often():
+    n, p = 5, 0.3
+    ds = RandomPairDataset(id_cases(n), identity_prob=p).set_random_state(seed=0)
+    draws = [ids(ds[i % n]) for i in range(2000)]
+    assert all(m == i % n for i, (m, _) in enumerate(draws))
+    share = np.mean([m == f for m, f in draws])
+    assert abs(share - p) < 0.04, share  # 2000 draws: standard error 0.01
+    pair = next(ds[i] for i in range(n) for _ in range(20) if ids(ds[i])[0] == ids(ds[i])[1])
+    assert int(pair["moving_label"].flat[0]) == int(pair["fixed_label"].flat[0])  # its own label too
+    # the other pairs are still spread over every other case; 1 pairs every case with itself
+    assert {f for m, f in draws if m == 0} == set(range(n))
+    always = RandomPairDataset(id_cases(n), identity_prob=1.0).set_random_state(seed=0)
+    assert all(ids(always[i]) == (i, i) for i in range(n))
+    # 0 (the default) draws exactly the pairs it drew before the option existed
+    plain = RandomPairDataset(id_cases(n)).set_random_state(seed=2)
+    zero = RandomPairDataset(id_cases(n), identity_prob=0.0).set_random_state(seed=2)
+    assert [ids(plain[i % n]) for i in range(50)] == [ids(zero[i % n]) for i in range(50)]
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="identity_prob must be a probability"):
+            RandomPairDataset(id_cases(n), identity_prob=bad)
+
+
 def test_two_cases_always_pair_with_each_other():
     ds = RandomPairDataset(id_cases(2)).set_random_state(seed=1)
     assert [ids(ds[i]) for i in (0, 1, 0, 1)] == [(0, 1), (1, 0), (0, 1), (1, 0)]
@@ -133,6 +155,19 @@ def _same_pair(shape=(24, 28, 24)):
     image = smooth_volume(shape, seed=1)[None]
     label = (image > 0.55).astype(np.float32) + (image > 0.75)  # labels 0, 1, 2
     return [{"image": image.copy(), "label": label.copy()} for _ in range(2)], image, label
+
+
+def test_train_config_identity_prob_reaches_the_pair_dataset():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "train.json"))
+    cases = "$[{'image': torch.full((1, 2, 2, 2), float(i))} for i in range(3)]"
+    parser.update({"train#dataset#cases": cases, "train#dataset#transform": None})
+    assert parser.get_parsed_content("train#dataset").identity_prob == 0.0  # off by default
+    parser.update({"identity_prob": 1.0})
+    ds = parser.get_parsed_content("train#dataset")
+    assert [int(ds[i]["fixed_image"].flatten()[0]) for i in range(3)] == [0, 1, 2]
 
 
 def test_train_config_augments_both_images_alike_by_default():
