@@ -8,7 +8,7 @@ the hippocampus labels, the largest |u|, the Dice of the labels warped (nearest 
 themselves (1 for the identity), and how much the field differs between images (0 when it is one field).
 
     python benchmarks/self_registration.py --dataset_dir runs/HippocampusMR \\
-        --ckpt_paths models/model.pt runs/w8s/avg9-12.pt --json benchmarks/self_registration.json
+        --ckpt_paths runs/model_v0.6.0.pt models/model.pt --json benchmarks/self_registration.json
 """
 
 from __future__ import annotations
