@@ -50,7 +50,9 @@ def main(argv=None) -> int:
             fixed.append((item["fixed_image"][None].as_tensor(), item["fixed_label"][None].as_tensor().long()))
 
     results = {}
-    print("| checkpoint | images | mean \\|u\\|, grid | mean \\|u\\|, labels | max \\|u\\| | self Dice | field spread |")
+    print(
+        "| checkpoint | images | mean \\|u\\|, grid | mean \\|u\\|, labels | max \\|u\\| | self Dice | field spread |"
+    )
     print("|---|---|---|---|---|---|---|")
     for ckpt in args.ckpt_paths:
         net = load_pretrained(config.get_parsed_content("network_def"), ckpt).eval()
