@@ -67,6 +67,7 @@ def worker(
     memory_format: str = "contiguous",
     deep_supervision: bool = True,
     profile: int = 0,
+    precision: str = "float32",
 ) -> dict:
     """One case in this (fresh) process; returns the measurements."""
     import warnings
@@ -76,6 +77,7 @@ def worker(
     warnings.simplefilter("ignore")
     torch.set_num_threads(threads)
     sys.path.insert(0, str(ROOT))
+    from scripts.inferers import LowMemoryRegistrationInferer, RegistrationInferer
     from scripts.losses import SymmetricRegistrationLoss
     from scripts.networks import SpatialGradientRegNet
 
@@ -87,19 +89,19 @@ def worker(
     b, c, size = case["batch"], case["in_channels"], case["size"]
     image = torch.rand(b, 2 * c, *size)
     rss_model = rss_mb()
+    # the configs' inferers: float32 is the network as it is, bfloat16 its passes under autocast (--precision)
+    inferer = RegistrationInferer(dtype=precision)
 
     if case["mode"] == "eval":
         net.eval()
 
         def step():
             with torch.no_grad():
-                net(image)
+                inferer(image, net)
 
     elif case["mode"] == "lowmem":
-        from scripts.inferers import LowMemoryRegistrationInferer
-
         net.eval()
-        inferer = LowMemoryRegistrationInferer(slab_voxels=2**21)
+        inferer = LowMemoryRegistrationInferer(slab_voxels=2**21, dtype=precision)
 
         def step():
             with torch.no_grad():
@@ -118,7 +120,7 @@ def worker(
 
         def step():
             opt.zero_grad(set_to_none=True)
-            loss_fn(net(image), batch).backward()
+            loss_fn(inferer(image, net), batch).backward()
             opt.step()
 
     for _ in range(warmup):
@@ -151,6 +153,7 @@ def worker(
         "size": list(size),
         "channels": list(channels),
         "memory_format": memory_format,
+        "precision": precision,
         "parameters": n_params,
         "threads": threads,
         "warmup": warmup,
@@ -164,9 +167,9 @@ def worker(
     }
 
 
-def run_case(case_text: str, args, memory_format: str) -> dict:
+def run_case(case_text: str, args, memory_format: str, precision: str = "float32") -> dict:
     cmd = [
-        sys.executable, __file__, "--worker", case_text, "--memory_formats", memory_format,
+        sys.executable, __file__, "--worker", case_text, "--memory_formats", memory_format, "--precisions", precision,
         "--channels", ",".join(map(str, args.channels)),
         "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads),
         "--deep_supervision", str(args.deep_supervision), "--profile", str(args.profile),
@@ -175,24 +178,33 @@ def run_case(case_text: str, args, memory_format: str) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or [f"killed (signal {-proc.returncode})"])[-1]
-        return {**parse_case(case_text), "memory_format": memory_format, "error": last, "returncode": proc.returncode}
+        return {
+            **parse_case(case_text),
+            "memory_format": memory_format,
+            "precision": precision,
+            "error": last,
+            "returncode": proc.returncode,
+        }
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def markdown(results: list[dict]) -> str:
     head = [
-        "| mode | input (B x 2C x H x W x D) | weights | parameters | median time (s) | min time (s) "
+        "| mode | input (B x 2C x H x W x D) | weights | precision | parameters | median time (s) | min time (s) "
         "| peak RSS (MiB) | RSS after init (MiB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     rows = []
     for r in results:
         shape = f"{r['batch']} x {2 * r['in_channels']} x " + " x ".join(map(str, r["size"]))
         if "error" in r:
-            rows.append(f"| {r['mode']} | {shape} | {r['memory_format']} | | failed: {r['error']} | | | |")
+            rows.append(
+                f"| {r['mode']} | {shape} | {r['memory_format']} | {r['precision']} | | failed: {r['error']} | | | |"
+            )
             continue
         rows.append(
-            f"| {r['mode']} | {shape} | {r['memory_format']} | {r['parameters']:,} | {r['time_median_s']:.2f} "
+            f"| {r['mode']} | {shape} | {r['memory_format']} | {r.get('precision', 'float32')} | {r['parameters']:,} "
+            f"| {r['time_median_s']:.2f} "
             f"| {r['time_min_s']:.2f} | {r['peak_rss_mb']:,.0f} | {r['model_rss_mb']:,.0f} |"
         )
     return "\n".join(head + rows)
@@ -216,6 +228,14 @@ def main(argv=None) -> int:
         choices=["contiguous", "channels_last"],
         default=["contiguous"],
         help="memory order of the weights; each case runs once per format (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=["float32", "bfloat16"],
+        default=["float32"],
+        help="the network's passes as --precision in the configs (bfloat16: under autocast); each case runs once "
+        "per precision (default: %(default)s)",
     )
     parser.add_argument(
         "--deep_supervision",
@@ -246,6 +266,7 @@ def main(argv=None) -> int:
             args.memory_formats[0],
             args.deep_supervision,
             args.profile,
+            args.precisions[0],
         )
         print(json.dumps(result))
         return 0
@@ -255,8 +276,9 @@ def main(argv=None) -> int:
     results = []
     for case in args.cases:
         for memory_format in args.memory_formats:
-            print(f"running {case} ({memory_format} weights) ...", file=sys.stderr, flush=True)
-            results.append(run_case(case, args, memory_format))
+            for precision in args.precisions:
+                print(f"running {case} ({memory_format} weights, {precision}) ...", file=sys.stderr, flush=True)
+                results.append(run_case(case, args, memory_format, precision))
     print(
         f"SpatialGradientRegNet(channels={args.channels}) on CPU ({platform.processor() or platform.machine()}, "
         f"{args.threads} thread(s)), torch {torch.__version__}; {args.warmup} warm-up + {args.repeats} timed run(s) "
@@ -266,7 +288,8 @@ def main(argv=None) -> int:
     for r in results:
         if r.get("profile_top"):
             print(
-                f"\n{r['mode']} {'x'.join(map(str, r['size']))} ({r['memory_format']}): self time by operator, one run"
+                f"\n{r['mode']} {'x'.join(map(str, r['size']))} ({r['memory_format']}, {r['precision']}): "
+                "self time by operator, one run"
             )
             for op in r["profile_top"]:
                 print(f"  {op['op']:<40} {op['calls']:>5} calls {op['self_s']:8.3f} s {100 * op['share']:5.1f} %")

@@ -15,6 +15,9 @@ Variants run one after the other with ``--threads`` threads: run nothing else me
     python benchmarks/benchmark_test_time.py --dataset_dir runs/HippocampusMR --threads 2 \\
         --variants plain flips_all flips_0 flips_1 flips_2 symmetric io_lncc io_mse io_lncc_lr01_grid1 \\
         ensemble_w8c gpu_w16_plain gpu_w16_flips_all --json benchmarks/test_time_val.json
+    # the network in bfloat16 (a CPU with AMX / AVX-512 BF16; elsewhere it is far slower)
+    python benchmarks/benchmark_test_time.py --dataset_dir runs/HippocampusMR --threads 2 \
+        --variants plain bfloat16 --json benchmarks/test_time_val_bf16.json
     # iterative refinement (shipped weights)
     python benchmarks/benchmark_test_time.py --dataset_dir runs/HippocampusMR --threads 2 \\
         --variants plain passes_2 passes_3 --json benchmarks/test_time_val_passes.json
@@ -55,6 +58,7 @@ VARIANTS: dict[str, list[str]] = {
     "sigma_075": ["--field_sigma", "0.75"],
     "sigma_1": ["--field_sigma", "1.0"],
     "symmetric": ["--tta_symmetric", "True"],
+    "bfloat16": ["--precision", "bfloat16"],
     "passes_2": ["--refine_passes", "2"],
     "passes_3": ["--refine_passes", "3"],
     "ensemble_w8c": ["--ensemble_ckpts", "['runs/w8c/avg1-6.pt']"],  # CPU continuation of docs/training.md
