@@ -16,7 +16,7 @@ Variants run one after the other with ``--threads`` threads: run nothing else me
         --variants plain flips_all flips_0 flips_1 flips_2 symmetric io_lncc io_mse io_lncc_lr01_grid1 \\
         ensemble_w8c gpu_w16_plain gpu_w16_flips_all --json benchmarks/test_time_val.json
     # the network in bfloat16 (a CPU with AMX / AVX-512 BF16; elsewhere it is far slower)
-    python benchmarks/benchmark_test_time.py --dataset_dir runs/HippocampusMR --threads 2 \
+    python benchmarks/benchmark_test_time.py --dataset_dir runs/HippocampusMR --threads 2 \\
         --variants plain bfloat16 --json benchmarks/test_time_val_bf16.json
     # iterative refinement (shipped weights)
     python benchmarks/benchmark_test_time.py --dataset_dir runs/HippocampusMR --threads 2 \\
