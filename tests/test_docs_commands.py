@@ -1,12 +1,12 @@
-"""Every command the documentation (Markdown files and module docstrings) gives still names options that exist.
+"""Every command the documentation (Markdown files, module docstrings) gives names options that exist.
 
 The bundle is measured by running its docs' commands, so a config key or script option renamed in the
-code must not leave a documented command behind. Each fenced code block of the Markdown files is read
-as a shell script (continued lines joined, ``$(...)`` substitutions set aside, ``&&`` / ``;`` / ``|``
-splitting commands); each ``monai.bundle run`` goes through the same check the configs run first
-(``scripts.overrides.check_overrides``: config files exist, every key is known, booleans parse), and
-each ``--option`` of a ``python -m scripts.X`` / ``python benchmarks/X.py`` command must be a
-parameter or an ``argparse`` option of that file. Nothing is run."""
+code must not leave a documented command behind. Each fenced code block, and each one-line code span
+that is a command, is read as a shell script (continued lines joined, ``$(...)`` substitutions set
+aside, ``&&`` / ``;`` / ``|`` splitting commands); each ``monai.bundle run`` goes through the check
+the configs run first (``scripts.overrides.check_overrides``: config files exist, every key is known,
+booleans parse), and each ``--option`` of a ``python -m scripts.X`` / ``python benchmarks/X.py``
+command must be a parameter or an ``argparse`` option of that file. Nothing is run."""
 
 from __future__ import annotations
 
@@ -31,13 +31,15 @@ MODULES = sorted(
     [*(ROOT / "scripts").glob("*.py"), *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "apps").rglob("*.py")]
 )
 FENCE = re.compile(r"^\s*```")
+INLINE = re.compile(r"`((?:python|torchrun) [^`]*)`")
 SUBSTITUTION = re.compile(r"\$\([^()]*\)")
 SEPARATORS = set(";&|()<>")
 BUNDLE_ARGV0 = "/site-packages/monai/bundle/__main__.py"  # what check_overrides recognises as the runner
 
 
-def fenced_blocks(text: str):
-    """(first line number, lines) of each fenced code block."""
+def code_blocks(text: str):
+    """(first line number, lines) of each fenced code block, and of each inline code span on one line
+    that is a command (starts with ``python`` or ``torchrun``)."""
     block, start = None, 0
     for number, line in enumerate(text.splitlines(), 1):
         if FENCE.match(line):
@@ -48,6 +50,8 @@ def fenced_blocks(text: str):
                 block = None
         elif block is not None:
             block.append(line)
+        else:
+            yield from ((number, [span]) for span in INLINE.findall(line))
 
 
 def shell_commands(lines: list[str]):
@@ -96,7 +100,7 @@ def docstring_commands(path: Path):
 
 def documented_commands():
     for doc in DOCS:
-        for start, lines in fenced_blocks(doc.read_text()):
+        for start, lines in code_blocks(doc.read_text()):
             for words in shell_commands(lines):
                 yield f"{doc.relative_to(ROOT)}:{start}", words
     for module in MODULES:
