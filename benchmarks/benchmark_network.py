@@ -58,6 +58,50 @@ def rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+def make_steps(case: dict, net, precisions: list[str]) -> dict:
+    """The timed step of a case on ``net``, one per precision (the configs' ``--precision``: float32 is the
+    network as it is, bfloat16 its passes under autocast), all on one random input and, in train mode, one
+    Adam optimiser, so that steps of several precisions can alternate on the same weights."""
+    import torch
+
+    from scripts.inferers import LowMemoryRegistrationInferer, RegistrationInferer
+    from scripts.losses import SymmetricRegistrationLoss
+
+    b, c, size = case["batch"], case["in_channels"], case["size"]
+    image = torch.rand(b, 2 * c, *size)
+    if case["mode"] == "train":
+        net.train()
+        loss_fn = SymmetricRegistrationLoss(similarity="lncc", num_labels=3)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+        batch = {
+            "moving_image": image[:, :c],
+            "fixed_image": image[:, c:],
+            "moving_label": torch.randint(0, 3, (b, 1, *size)),
+            "fixed_label": torch.randint(0, 3, (b, 1, *size)),
+        }
+    else:
+        net.eval()
+
+    def step_for(precision: str):
+        if case["mode"] == "lowmem":
+            inferer = LowMemoryRegistrationInferer(slab_voxels=2**21, dtype=precision)
+        else:
+            inferer = RegistrationInferer(dtype=precision)
+
+        def step():
+            if case["mode"] == "train":
+                opt.zero_grad(set_to_none=True)
+                loss_fn(inferer(image, net), batch).backward()
+                opt.step()
+            else:
+                with torch.no_grad():
+                    inferer(image, net)
+
+        return step
+
+    return {p: step_for(p) for p in precisions}
+
+
 def worker(
     case: dict,
     channels: tuple[int, ...],
@@ -77,8 +121,6 @@ def worker(
     warnings.simplefilter("ignore")
     torch.set_num_threads(threads)
     sys.path.insert(0, str(ROOT))
-    from scripts.inferers import LowMemoryRegistrationInferer, RegistrationInferer
-    from scripts.losses import SymmetricRegistrationLoss
     from scripts.networks import SpatialGradientRegNet
 
     torch.manual_seed(0)
@@ -86,42 +128,8 @@ def worker(
     if memory_format == "channels_last":  # the weights only, as train.json / inference.json --channels_last
         net = net.to(memory_format=torch.channels_last_3d)
     n_params = sum(p.numel() for p in net.parameters())
-    b, c, size = case["batch"], case["in_channels"], case["size"]
-    image = torch.rand(b, 2 * c, *size)
+    step = make_steps(case, net, [precision])[precision]
     rss_model = rss_mb()
-    # the configs' inferers: float32 is the network as it is, bfloat16 its passes under autocast (--precision)
-    inferer = RegistrationInferer(dtype=precision)
-
-    if case["mode"] == "eval":
-        net.eval()
-
-        def step():
-            with torch.no_grad():
-                inferer(image, net)
-
-    elif case["mode"] == "lowmem":
-        net.eval()
-        inferer = LowMemoryRegistrationInferer(slab_voxels=2**21, dtype=precision)
-
-        def step():
-            with torch.no_grad():
-                inferer(image, net)
-
-    else:
-        net.train()
-        loss_fn = SymmetricRegistrationLoss(similarity="lncc", num_labels=3)
-        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-        batch = {
-            "moving_image": image[:, :c],
-            "fixed_image": image[:, c:],
-            "moving_label": torch.randint(0, 3, (b, 1, *size)),
-            "fixed_label": torch.randint(0, 3, (b, 1, *size)),
-        }
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss_fn(inferer(image, net), batch).backward()
-            opt.step()
 
     for _ in range(warmup):
         step()
@@ -150,7 +158,7 @@ def worker(
         ]
     return {
         **case,
-        "size": list(size),
+        "size": list(case["size"]),
         "channels": list(channels),
         "memory_format": memory_format,
         "precision": precision,

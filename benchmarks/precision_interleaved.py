@@ -11,8 +11,9 @@ neighbouring pair is reported (median, min, max) with the median times.
     python benchmarks/precision_interleaved.py --channels 16,32,64,128,256 --deep_supervision True \\
         --modes train eval --pairs 6 --json benchmarks/precision_interleaved_w16_cpu.json
 
-Modes as in ``benchmark_network.py``: ``train`` (batch 2, both directions, LNCC + Dice + smoothness,
-backward, Adam), ``eval`` (batch 1, no_grad, the DDF); 64^3, channels_last weights, random data.
+Modes and steps are ``benchmark_network.py``'s (``make_steps``): ``train`` (batch 2, both directions,
+LNCC + Dice + smoothness, backward, Adam), ``eval`` (batch 1, no_grad, the DDF); 64^3, channels_last
+weights, random data; both precisions step the same network (and, in train mode, one optimiser).
 """
 
 from __future__ import annotations
@@ -31,40 +32,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def measure(mode: str, channels: tuple[int, ...], deep_supervision: bool, pairs: int) -> dict:
     import torch
+    from benchmark_network import make_steps, parse_case  # this folder is on sys.path when run as a script
 
-    from scripts.inferers import RegistrationInferer
-    from scripts.losses import SymmetricRegistrationLoss
     from scripts.networks import SpatialGradientRegNet
 
     torch.manual_seed(0)
     net = SpatialGradientRegNet(in_channels=1, channels=channels, deep_supervision=deep_supervision)
     net = net.to(memory_format=torch.channels_last_3d)
-    b = 2 if mode == "train" else 1
-    image = torch.rand(b, 2, 64, 64, 64)
-    labels = {k: torch.randint(0, 3, (b, 1, 64, 64, 64)) for k in ("moving_label", "fixed_label")}
-    batch = {"moving_image": image[:, :1], "fixed_image": image[:, 1:], **labels}
-    loss_fn = SymmetricRegistrationLoss(similarity="lncc", num_labels=3)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    inferers = {p: RegistrationInferer(p) for p in ("float32", "bfloat16")}
+    steps = make_steps(parse_case(f"{mode}:64x64x64:1:{2 if mode == 'train' else 1}"), net, ["float32", "bfloat16"])
 
-    def step(precision: str) -> None:
-        if mode == "train":
-            net.train()
-            opt.zero_grad(set_to_none=True)
-            loss_fn(inferers[precision](image, net), batch).backward()
-            opt.step()
-        else:
-            net.eval()
-            with torch.no_grad():
-                inferers[precision](image, net)
-
-    for p in inferers:  # warm-up
-        step(p)
-    times = {p: [] for p in inferers}
+    for step in steps.values():  # warm-up
+        step()
+    times = {p: [] for p in steps}
     for _ in range(pairs):
-        for p in inferers:
+        for p, step in steps.items():
             t0 = time.perf_counter()
-            step(p)
+            step()
             times[p].append(time.perf_counter() - t0)
     ratios = [a / b for a, b in zip(times["float32"], times["bfloat16"], strict=True)]
     return {
