@@ -1,6 +1,7 @@
 """Tests of scripts/data.py: random and listed pairs, identical augmentation of both images, the
 up-front check of a pair list; configs/train.json's augmentation as parsed (elastic per image)."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -196,6 +197,53 @@ def test_elastic_prob_deforms_each_image_on_its_own():
             assert 0 < (lab != label).mean() < 0.2  # deformed, not scrambled
             # the warped label still marks the bright warped voxels: the label follows its own image
             assert img[lab == 2].mean() > img[lab == 1].mean() > img[lab == 0].mean()
+
+
+def test_intensity_prob_changes_each_image_on_its_own_and_only_its_intensities():
+    """--intensity_prob: a random MRI bias field and gamma drawn for each image of a pair on its own; the
+    labels and the grid are kept, voxels at 0 stay 0, and the images stay in [0, 1]."""
+    cases, image, label = _same_pair()
+    image[..., :3] = 0.0  # a background slab, as after the min-max of a padded MRI
+    for case in cases:
+        case["image"] = image.copy()
+    ds = RandomPairDataset(cases, transform=_train_augmentation(aug_prob=0.0, intensity_prob=1.0))
+    ds.set_random_state(seed=0)
+    for i in range(2):
+        out = ds[i]
+        moving, fixed = np.asarray(out["moving_image"]), np.asarray(out["fixed_image"])
+        assert moving.shape == fixed.shape == image.shape
+        assert np.abs(moving - fixed).mean() > 0.005  # two draws
+        for img in (moving, fixed):
+            assert np.abs(img - image).mean() > 0.005
+            assert img.min() >= 0.0 and img.max() <= 1.0 + 1e-6
+            assert np.abs(img[..., :3]).max() < 1e-6  # multiplied by the field, 0 stays 0
+            assert np.corrcoef(img.ravel(), image.ravel())[0, 1] > 0.8  # the same anatomy, another contrast
+        for key in ("moving_label", "fixed_label"):
+            np.testing.assert_array_equal(np.asarray(out[key]), label)
+
+
+def test_intensity_prob_0_draws_what_the_augmentation_drew_without_it():
+    """Off by default, and then the runs made before the key existed draw the same augmentations: its
+    transforms come last in the Compose, whose seeds are handed out in order (the final clip to [0, 1]
+    can only move a value that interpolation rounded a float32 step over 1)."""
+    assert json.loads((ROOT / "configs" / "train.json").read_text())["intensity_prob"] == 0.0
+    cases, _, _ = _same_pair()
+    full = _train_augmentation(aug_prob=1.0, elastic_prob=0.5)
+    before = _train_augmentation(aug_prob=1.0, elastic_prob=0.5)
+    names = [type(t).__name__ for t in before.transforms]
+    assert names[-5:] == [
+        "RandBiasFieldd",
+        "RandBiasFieldd",
+        "RandAdjustContrastd",
+        "RandAdjustContrastd",
+        "ScaleIntensityRanged",
+    ]
+    before.transforms = before.transforms[:-5]
+    outs = [RandomPairDataset(cases, transform=t).set_random_state(seed=3) for t in (full, before)]
+    for i in range(2):
+        a, b = outs[0][i], outs[1][i]
+        for key in ("moving_image", "fixed_image", "moving_label", "fixed_label"):
+            np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), rtol=0, atol=1e-6)
 
 
 def test_random_pairs_collate_in_a_dataloader():
