@@ -1,5 +1,5 @@
 """Tests of scripts/data.py: random and listed pairs, identical augmentation of both images, the
-up-front check of a pair list; configs/train.json's augmentation as parsed (elastic per image)."""
+up-front check of a pair list; configs/train.json's augmentation as parsed (elastic and intensity per image)."""
 
 import json
 from pathlib import Path
@@ -203,7 +203,7 @@ def test_intensity_prob_changes_each_image_on_its_own_and_only_its_intensities()
     """--intensity_prob: a random MRI bias field and gamma drawn for each image of a pair on its own; the
     labels and the grid are kept, voxels at 0 stay 0, and the images stay in [0, 1]."""
     cases, image, label = _same_pair()
-    image[..., :3] = 0.0  # a background slab, as after the min-max of a padded MRI
+    image[..., :3] = 0.0  # a slab at 0, the darkest value after the min-max
     for case in cases:
         case["image"] = image.copy()
     ds = RandomPairDataset(cases, transform=_train_augmentation(aug_prob=0.0, intensity_prob=1.0))
