@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -96,15 +97,10 @@ def _write_studies(studies: Path) -> None:
         nib.save(nib.Nifti1Image(crop, ct.affine), studies / "abdomen_ct_crop.nii.gz")  # CT, hippocampus-sized
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    if not MONAILABEL.is_file():
-        _missing(f"{MONAILABEL} missing: create it with `bash apps/monailabel/setup_venv.sh`")
-    if not HIPPO.is_dir():
-        _missing(f"{HIPPO} missing")
-    tmp = tmp_path_factory.mktemp("monailabel")
-    studies = tmp / "studies"
-    _write_studies(studies)
+@contextmanager
+def _serving(tmp: Path, studies: Path, *conf: str):
+    """A ``monailabel start_server`` of the app on ``studies`` (with ``--conf`` pairs ``conf``), answering
+    on a free port; stopped on exit."""
     port = _free_port()
     log = tmp / "server.log"
     env = {
@@ -115,21 +111,8 @@ def server(tmp_path_factory):
         "OMP_NUM_THREADS": "1",
     }
     env.pop("PYTHONHOME", None)
-    cmd = [
-        str(MONAILABEL),
-        "start_server",
-        "--app",
-        str(APP),
-        "--studies",
-        str(studies),
-        "--conf",
-        "num_atlases",
-        str(NUM_ATLASES),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    cmd = [str(MONAILABEL), "start_server", "--app", str(APP), "--studies", str(studies)]
+    cmd += ["--conf", "num_atlases", str(NUM_ATLASES), *conf, "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             cmd,
@@ -163,6 +146,23 @@ def server(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
+
+
+def _check_environment() -> None:
+    if not MONAILABEL.is_file():
+        _missing(f"{MONAILABEL} missing: create it with `bash apps/monailabel/setup_venv.sh`")
+    if not HIPPO.is_dir():
+        _missing(f"{HIPPO} missing")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    _check_environment()
+    tmp = tmp_path_factory.mktemp("monailabel")
+    studies = tmp / "studies"
+    _write_studies(studies)
+    with _serving(tmp, studies) as srv:
+        yield srv
 
 
 def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -258,3 +258,33 @@ def test_bad_requests_get_a_clear_error_and_the_server_keeps_serving(server):
     result = json.loads(body)
     assert result["atlases"] == ["0331"] and result["registered"] is True
     assert result["label_names"] == {"anterior": 1, "posterior": 2}
+
+
+def test_a_test_time_option_set_in_inference_json_applies_to_the_app(server, tmp_path):
+    """The app registers through inference.json's ``test_time_inferer`` (what the bundle's own inference
+    runs), so an option set in that file changes its label map; here a strong Gaussian smoothing of the
+    field (``field_sigma``), in a copy of the bundle whose other parts are links to this one."""
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    for name in ("scripts", "models"):
+        (bundle / name).symlink_to(ROOT / name, target_is_directory=True)
+    for f in (ROOT / "configs").iterdir():
+        shutil.copy(f, bundle / "configs" / f.name)
+    config = json.loads((ROOT / "configs" / "inference.json").read_text())
+    assert config["field_sigma"] == 0  # the shipped setting: no smoothing
+    config["field_sigma"] = 3.0
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config, indent=4))
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(HIPPO / "imagesTr" / f"{IMAGES[0]}.nii.gz", studies / f"{IMAGES[0]}.nii.gz")
+
+    labels = {}
+    with _serving(tmp_path, studies, "--conf", "bundle_path", str(bundle), "--conf", "atlas_dir", str(ATLASES)) as s:
+        for name, srv in (("shipped", server), ("smoothed", s)):
+            status, _, body = srv.infer(IMAGES[0])
+            assert status == 200, body[:2000] + srv.log_tail().encode()
+            (tmp_path / f"{name}.nii.gz").write_bytes(body)
+            labels[name] = np.asarray(nib.load(tmp_path / f"{name}.nii.gz").dataobj).astype(int)
+    changed = np.mean(labels["shipped"] != labels["smoothed"])
+    print(f"{IMAGES[0]}: {100 * changed:.2f} % of the voxels change label with field_sigma 3")
+    assert changed > 0.001

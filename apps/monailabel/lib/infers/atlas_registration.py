@@ -7,7 +7,8 @@ voxel grid (MONAI's inverse of the bundle's padding, SpatialPadd and DivisiblePa
 
 Everything model-related comes from the bundle, parsed with ``monai.bundle.ConfigParser`` from
 ``configs/inference.json`` (the keys MONAI Label's bundle tasks read: ``network_def``,
-``preprocessing``, ``postprocessing``, ``inferer``, ``bundle_root``), the weights from
+``preprocessing``, ``postprocessing``, ``inferer``, ``bundle_root``; the registration runs through
+``test_time_inferer``, what ``inference.json``'s evaluator runs, so its test-time settings apply here too), the weights from
 ``models/model.pt`` (loaded by MONAI Label's ``BasicInferTask``, strict), the warping from
 ``scripts.deformation`` and the label names from ``network_data_format.outputs.pred.label_def`` in
 ``configs/metadata.json``.
@@ -336,7 +337,9 @@ class AtlasRegistration(BasicInferTask):
             raise RuntimeError("the preprocessed image lost its metadata; cannot map the result back to its grid")
         atlases = self._atlases(data["atlases"], device)
         network = self._get_network(device, data) if data["register"] else None
-        inferer = self._parsed("inferer")
+        # the evaluator's inferer in inference.json: its test-time options (flips, ensemble, smoothing...)
+        # apply to the app as they do to the bundle's own inference; with the defaults it is ``inferer``
+        inferer = self._parsed("test_time_inferer")
         fixed_batch = fixed.as_tensor().float()[None].to(device)
         warped = []
         with torch.no_grad():
