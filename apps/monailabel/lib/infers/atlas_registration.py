@@ -8,8 +8,8 @@ voxel grid (MONAI's inverse of the bundle's padding, SpatialPadd and DivisiblePa
 Everything model-related comes from the bundle, parsed with ``monai.bundle.ConfigParser`` from
 ``configs/inference.json`` (the keys MONAI Label's bundle tasks read: ``network_def``,
 ``preprocessing``, ``postprocessing``, ``inferer``, ``bundle_root``; the registration runs through
-``test_time_inferer``, what ``inference.json``'s evaluator runs, so its test-time settings apply here too), the weights from
-``models/model.pt`` (loaded by MONAI Label's ``BasicInferTask``, strict), the warping from
+``test_time_inferer``, what ``inference.json``'s evaluator runs, so its test-time settings apply here
+too), the weights from ``models/model.pt`` (loaded by MONAI Label's ``BasicInferTask``, strict), the warping from
 ``scripts.deformation`` and the label names from ``network_data_format.outputs.pred.label_def`` in
 ``configs/metadata.json``.
 
