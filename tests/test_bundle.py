@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
@@ -233,6 +234,7 @@ def test_train_one_epoch(tmp_path):
 
 @pytest.mark.skipif(not HIPPO.is_dir(), reason=f"needs {HIPPO} (BUNDLE_TEST_DATA)")
 def test_ddp_two_processes_one_epoch(tmp_path):
+    tracking = ["--tracking", "mlflow"] if importlib.util.find_spec("mlflow") else []  # optional (test_tracking.py)
     cmd = [
         sys.executable,
         "-m",
@@ -245,6 +247,8 @@ def test_ddp_two_processes_one_epoch(tmp_path):
         "['configs/train.json','configs/multi_gpu_train.json']",
         "--dataset_dir",
         str(HIPPO),
+        "--bundle_root",
+        str(tmp_path),
         "--ckpt_dir",
         str(tmp_path / "ckpt"),
         "--log_dir",
@@ -262,6 +266,7 @@ def test_ddp_two_processes_one_epoch(tmp_path):
         "$scripts.learn2reg.training_cases(@dataset_dir, @num_val)[:4]",
         "--validate#pairs",
         "$scripts.learn2reg.pairs(@dataset_dir, 'registration_val', @num_val)[:2]",
+        *tracking,
     ]
     proc = subprocess.run(
         cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
@@ -271,6 +276,11 @@ def test_ddp_two_processes_one_epoch(tmp_path):
     # 4 cases over 2 ranks with batch 1: 2 iterations per rank, logged by rank 0 only.
     assert text.count("Epoch: 1/1, Iter: 2/2") == 1, text[-3000:]
     assert (tmp_path / "ckpt" / "model.pt").exists()
+    if tracking:  # MONAI's MLflow handler is disabled on the other ranks: one run, rank 0's 2 iterations
+        from tests.test_tracking import tracked_runs
+
+        (run, history, _), *others = tracked_runs(tmp_path / "runs" / "mlruns.db").values()
+        assert not others and run.info.status == "FINISHED" and len(history["train_loss"]) == 2, history
 
 
 def test_embedded_default_inference_then_evaluate(tmp_path):
