@@ -3,7 +3,6 @@ its own cohort with a different set of annotated organs: seg_train runs a few st
 seg_inference writes label maps on each CT's own grid keeping the ground-truth organs, and bad
 cohort declarations stop both before anything is written."""
 
-import importlib.util
 import json
 import re
 
@@ -21,7 +20,6 @@ from tests.test_bundle import bundle, ok
 from tests.test_cohorts import A_CT, A_IDS, A_LAB, CT
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not CT.is_dir(), reason=f"needs {CT} (BUNDLE_TEST_DATA)")]
-TRACKING = ["--tracking", "mlflow"] if importlib.util.find_spec("mlflow") else []  # optional, as for users
 SMALL = ["--seg_channels", "[4, 8, 16, 32, 64]", "--patch_size", "[48, 48, 48]"]
 ORGAN = {o: i + 1 for i, o in enumerate(ORGANS)}
 A_ANNOTATED = {"1": "spleen", "2": "right_kidney", "3": "left_kidney", "6": "liver"}  # the rest dropped
@@ -62,11 +60,9 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(data):
     # Validation on the same two scans (there are no others), once, after epoch 2.
-    # With MONAI's MLflow tracking on (tests/test_tracking.py has the registration configs): its database goes
-    # to <bundle_root>/runs/mlruns.db.
     proc = ok(bundle("--cohorts", str(data / "cohorts.json"), "--val_cohorts", str(data / "cohorts.json"),
-                     "--val_interval", "2", "--ckpt_dir", str(data / "seg"), *SMALL, "--bundle_root", str(data),
-                     "--max_epochs", "2", "--num_workers", "0", *TRACKING, configs=("seg_train",)))  # fmt: skip
+                     "--val_interval", "2", "--ckpt_dir", str(data / "seg"), *SMALL,
+                     "--max_epochs", "2", "--num_workers", "0", configs=("seg_train",)))  # fmt: skip
     return data / "seg" / "seg_model.pt", proc
 
 
@@ -82,16 +78,6 @@ def test_seg_train_few_steps(trained):
     )
     load_pretrained(net, str(model))  # every tensor, right shapes: background + 11 organs
     assert all(torch.isfinite(v).all() for v in net.state_dict().values())
-
-
-def test_seg_train_logs_to_mlflow(trained, data):
-    from tests.test_tracking import tracked_runs  # skips where MLflow is not installed
-
-    (run, history, artifacts), *others = tracked_runs(data / "runs" / "mlruns.db").values()
-    assert not others and run.info.status == "FINISHED"
-    assert len(history["train_loss"]) == 2 and all(0 < v <= 1 for v in history["train_loss"]), history
-    assert len(history["val_mean_dice"]) == 1, history  # validation after epoch 2 only
-    assert [p for p in artifacts if p.startswith("config_")] == [p.name for p in (data / "seg").glob("config_*.json")]
 
 
 def test_seg_inference_label_maps_on_each_scans_grid(trained, data, tmp_path):
