@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import forkserver
 import nibabel as nib
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def infer(dataset_dir: Path, output_dir: Path, ckpt: Path, *args: str) -> subpro
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    return forkserver.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 def evaluate(dataset_dir: Path, disp_dir: Path, pairs_selection: str) -> subprocess.CompletedProcess:
@@ -70,7 +71,7 @@ def evaluate(dataset_dir: Path, disp_dir: Path, pairs_selection: str) -> subproc
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/evaluate.json",
            "--dataset_dir", str(dataset_dir), "--disp_dir", str(disp_dir), "--pairs_selection", pairs_selection]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    return forkserver.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 def infer_here(dataset_dir: Path, output_dir: Path, ckpt: Path, args: list[str]) -> str | None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkserver
 import nibabel as nib
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ def bundle(
     config = files[0] if len(files) == 1 else repr(files)
     cmd = [str(python), "-m", "monai.bundle", "run", "--config_file", config, *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return forkserver.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -306,7 +307,7 @@ def test_embedded_default_inference_then_evaluate(tmp_path):
     # The unregistered baseline on the same pairs: zero fields, same evaluation.
     zero = tmp_path / "zero"
     ok(
-        subprocess.run(
+        forkserver.run(
             [sys.executable, "-m", "scripts.evaluation", "--dataset_dir", str(SAMPLE), "--output_dir", str(zero)],
             cwd=ROOT,
             capture_output=True,

@@ -6,10 +6,10 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+import forkserver
 import nibabel as nib
 import numpy as np
 import pytest
@@ -226,7 +226,7 @@ def test_cli_rebuilds_sample_data(tmp_path):
     cmd += ["--ids", ids, "--num_val", "4"]
     readme = (REPO / "sample_data" / "README.md").read_text()
     assert f'--ids "{ids}" --num_val 4' in readme  # noqa: B907 (the README's own quoting)
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
+    forkserver.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
     assert json.loads((out / "HippocampusMR_dataset.json").read_text()) == json.loads(
         (SAMPLE / "HippocampusMR_dataset.json").read_text()
     )
@@ -330,7 +330,7 @@ def test_cli_error_is_one_line(tmp_path):
     out.mkdir()
     (out / "x").write_text("")
     cmd = [sys.executable, "-m", "scripts.convert", "--msd_dir", str(MSD), "--out_dir", str(out)]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = forkserver.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert (
         "error:" in result.stderr

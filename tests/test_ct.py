@@ -9,9 +9,9 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 
+import forkserver
 import itk
 import nibabel as nib
 import numpy as np
@@ -42,7 +42,7 @@ def ct_pair_cli(*args, ulimit: str | None = None, env=None):
     cmd = [sys.executable, "-m", "scripts.ct_pair", *map(str, args)]
     if ulimit:
         cmd = ["bash", "-c", f'ulimit {ulimit} && exec "$@"', "bash", *cmd]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False, umask=UMASK,
+    return forkserver.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False, umask=UMASK,
                           env={**os.environ, **(env or {})})  # fmt: skip
 
 

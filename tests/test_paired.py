@@ -2,10 +2,10 @@
 
 import csv
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+import forkserver
 import numpy as np
 import pytest
 
@@ -92,12 +92,12 @@ def test_command_line(tmp_path):
     b = scored(tmp_path / "b", [0.6, 0.6, 0.8], [1, 2, 3])
     out = tmp_path / "cmp.json"
     cmd = [sys.executable, "-m", "scripts.paired"]
-    ok = subprocess.run(cmd + [str(a), str(b), "--json_path", str(out)], cwd=ROOT, capture_output=True, text=True)
+    ok = forkserver.run(cmd + [str(a), str(b), "--json_path", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "| dice | 0.6000 | 0.6667 | 0.0667 |" in ok.stdout
     assert json.loads(out.read_text())["metrics"]["dice"]["better"] == 2
     out2 = tmp_path / "none.json"
     c = scored(tmp_path / "c", [0.5], [1], [("0042", "0043")])
-    bad = subprocess.run(cmd + [str(a), str(c), "--json_path", str(out2)], cwd=ROOT, capture_output=True, text=True)
+    bad = forkserver.run(cmd + [str(a), str(c), "--json_path", str(out2)], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
     assert not out2.exists()

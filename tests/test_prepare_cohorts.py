@@ -6,9 +6,9 @@ with normal permissions, replaced only once the new one is complete."""
 
 import json
 import shutil
-import subprocess
 import sys
 
+import forkserver
 import itk
 import nibabel as nib
 import numpy as np
@@ -35,7 +35,7 @@ def cli(*args, ulimit: str | None = None):
     cmd = [sys.executable, "-m", "scripts.prepare_cohorts", *map(str, args)]
     if ulimit:
         cmd = ["bash", "-c", f'ulimit {ulimit} && exec "$@"', "bash", *cmd]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False, umask=UMASK)
+    return forkserver.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False, umask=UMASK)
 
 
 def ok(proc):

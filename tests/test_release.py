@@ -18,6 +18,7 @@ import threading
 import zipfile
 from pathlib import Path
 
+import forkserver
 import nibabel as nib
 import numpy as np
 import pytest
@@ -43,7 +44,7 @@ pytestmark = pytest.mark.slow  # end-to-end runs of the real commands
 
 def run(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python <args>`` in ``cwd``; fails the test with its output on a non-zero exit."""
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV)
+    proc = forkserver.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV)
     assert proc.returncode == 0, f"{args}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import forkserver
 import pytest
 import torch
 
@@ -65,7 +66,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 def _train(tmp: Path, seed: int, *extra: str) -> dict:
     args = _args(tmp, seed, *extra)
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900, env=ENV)
+    proc = forkserver.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {**_final(tmp), "log": proc.stdout + proc.stderr}
 
