@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from ignite.engine import Engine
 
 from scripts import learn2reg
 from scripts.files import atomic_path, save_nifti, sha256_of
@@ -22,7 +24,7 @@ from scripts.handlers import MANIFEST
 from scripts.learn2reg import disp_name
 from scripts.metrics import evaluate_pair, summarize
 
-__all__ = ["evaluate_folder", "format_summary", "identity_baseline"]
+__all__ = ["EvaluationEngine", "evaluate_folder", "format_summary", "identity_baseline", "scalar_metrics"]
 
 METRICS = ("dice", "hd95", "hd95_mm", "sdlogj", "sdlogj_plain", "folding_percent")
 
@@ -201,6 +203,41 @@ def format_summary(summary: dict) -> str:
         s = summary[name]
         lines.append(f"| {name} | {fmt(s['mean'])} | {fmt(s['std'])} | {fmt(s['p30'])} | {s['n']} |")
     return "\n".join(lines)
+
+
+def scalar_metrics(summary: dict) -> dict[str, float]:
+    """The numbers of an ``evaluate_folder`` summary that an experiment tracker plots: the mean of each metric
+    (``dice``, ``hd95``, ..., ``dice_<label>``), ``dice30`` (the official 30th percentile of Dice),
+    ``num_pairs`` and ``num_invalid``; a metric without a finite mean is left out."""
+    means = {m: s["mean"] for m, s in summary.items() if isinstance(s, dict) and "mean" in s}
+    values = {**means, "dice30": summary["dice"]["p30"], "num_pairs": summary["num_pairs"]}
+    values["num_invalid"] = summary["num_invalid"]
+    return {k: float(v) for k, v in values.items() if v is not None}
+
+
+class EvaluationEngine(Engine):
+    """``evaluate_folder`` as an Ignite engine of one iteration, so that handlers attached to it (MONAI's
+    ``MLFlowHandler`` with ``--tracking mlflow``, through configs/evaluate.json's ``handlers``) see the
+    evaluation: ``state.metrics`` holds ``scalar_metrics`` of the summary when the epoch completes, and
+    ``state.output`` the summary itself.
+    """
+
+    def __init__(self, pairs: Sequence[dict], disp_dir, output_dir, labels=None, handlers: Sequence = ()) -> None:
+        super().__init__(self._evaluate)
+        self.logger.setLevel(logging.WARNING)  # one iteration of one epoch: Ignite's progress lines say nothing
+        self.args = (pairs, disp_dir, output_dir, labels)
+        for handler in handlers:
+            handler.attach(self)
+
+    def _evaluate(self, engine: Engine, batch) -> dict:
+        summary = evaluate_folder(*self.args)
+        engine.state.metrics.update(scalar_metrics(summary))
+        return summary
+
+    def evaluate(self) -> dict:
+        """Run the evaluation once; its summary (``evaluate_folder``'s return value)."""
+        self.run([None], max_epochs=1)
+        return self.state.output
 
 
 def identity_baseline(

@@ -6,8 +6,9 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from ignite.engine import Events
 
-from scripts.evaluation import evaluate_folder
+from scripts.evaluation import EvaluationEngine, evaluate_folder
 from scripts.learn2reg import disp_name as disp_filename
 from scripts.metrics import dice_per_label, warp_labels_official
 
@@ -90,6 +91,33 @@ def test_evaluate_folder_end_to_end(dataset):
     assert saved["dice"]["p30"] == pytest.approx(np.quantile(expected_dice, 0.3))
     assert saved["folding_percent"]["mean"] == 0.0
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # temp files replaced
+
+
+class Recorder:
+    """A handler as MONAI's MLFlowHandler attaches: what the engine's state holds when each epoch completes."""
+
+    def __init__(self):
+        self.seen = []
+
+    def attach(self, engine):
+        engine.add_event_handler(
+            Events.EPOCH_COMPLETED, lambda e: self.seen.append((e.state.epoch, dict(e.state.metrics)))
+        )
+
+
+def test_evaluation_engine_hands_its_handlers_the_summary(dataset):
+    """configs/evaluate.json's engine: one evaluation, whose means, Dice30 and counts its handlers (MLflow's, with
+    --tracking mlflow) read from state.metrics; a metric without a finite value is left out."""
+    pairs, disp_dir, out, _, _ = dataset
+    recorder = Recorder()
+    summary = EvaluationEngine(pairs, str(disp_dir), str(out), labels=[1, 2, 3], handlers=[recorder]).evaluate()
+    assert summary == json.loads((out / "metrics.json").read_text())
+    ((epoch, metrics),) = recorder.seen
+    names = ("dice", "hd95", "hd95_mm", "sdlogj", "sdlogj_plain", "folding_percent", "dice_1", "dice_2")
+    expected = {m: summary[m]["mean"] for m in names}
+    expected.update(dice30=summary["dice"]["p30"], num_pairs=3, num_invalid=0)
+    assert summary["dice_3"]["mean"] is None  # label 3 is in no map
+    assert epoch == 1 and metrics == pytest.approx(expected)
 
 
 def test_hd95_mm_uses_header_spacing(dataset):

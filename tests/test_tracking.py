@@ -84,7 +84,8 @@ def test_training_logs_loss_and_validation_to_mlflow(tmp_path):
 @needs_mlflow
 def test_inference_and_evaluation_keep_their_results_folder_clean(tmp_path):
     """With tracking on, the results folder holds what the docs list and nothing else, and its manifest still
-    accounts for every file; the inference run is recorded in the bundle's database."""
+    accounts for every file; the inference run is recorded in the bundle's database, and the evaluation's
+    metrics with it."""
     assert PYTHON.exists(), f"{PYTHON} is missing: bash tests/setup_tracking_venv.sh"
     out = tmp_path / "results"
     common = ["--bundle_root", str(tmp_path), "--dataset_dir", str(SAMPLE), "--tracking", "mlflow"]
@@ -93,8 +94,15 @@ def test_inference_and_evaluation_keep_their_results_folder_clean(tmp_path):
     written = {p.name for p in out.iterdir()}
     manifest = json.loads((out / "manifest.json").read_text())
     assert written == {"manifest.json", *manifest["files"]}, written
-    ok(bundle(*common, "--disp_dir", str(out), configs=("evaluate",), python=PYTHON))
+    ok(bundle(*common, "--disp_dir", str(out), "--run_name", "evaluation", configs=("evaluate",), python=PYTHON))
     added = {p.name for p in out.iterdir()} - written
     assert added == {"metrics.json", "metrics_per_pair.csv"}, added
     runs = tracked_runs(tmp_path / "runs" / "mlruns.db")
-    assert [r["status"] for r in runs.values()] == ["FINISHED"], runs
+    assert [r["status"] for r in runs.values()] == ["FINISHED", "FINISHED"], runs
+    # the evaluation's official metrics, logged as metrics.json has them
+    summary, logged = json.loads((out / "metrics.json").read_text()), runs["evaluation"]["metrics"]
+    assert logged["dice"] == [pytest.approx(summary["dice"]["mean"])], logged
+    assert logged["dice30"] == [pytest.approx(summary["dice"]["p30"])]
+    for name in ("hd95", "sdlogj", "folding_percent", "dice_1", "dice_2"):
+        assert logged[name] == [pytest.approx(summary[name]["mean"])], name
+    assert logged["num_pairs"] == [4.0] and logged["num_invalid"] == [0.0]
