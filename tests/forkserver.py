@@ -1,7 +1,7 @@
 """Command lines for the tests, started from a fork server.
 
-Starting Python and importing torch and MONAI takes 6-10 s on the CI's 2 cores, and about 150 tests run a
-command line (``python -m monai.bundle run ...``, ``python -m scripts.X``); most of them check a refusal
+Starting Python and importing torch and MONAI takes 6-10 s on the CI's 2 cores, and about 90 tests run 114
+command lines (``python -m monai.bundle run ...``, ``python -m scripts.X``); most of them check a refusal
 that takes a fraction of a second once the imports are done. :func:`run` takes ``subprocess.run``'s
 arguments and, for ``python -m MODULE ...`` and ``python SCRIPT.py ...``, forks the command from a server
 process that has already imported the third-party packages (never the bundle's own ``scripts``, so each
@@ -30,8 +30,8 @@ import tempfile
 import threading
 import time
 
-# Imported once by the server; each is imported by a fresh ``python -m monai.bundle run`` of the bundle
-# anyway (the __main__ modules themselves are not: runpy runs those).
+# Imported once by the server; the bundle's commands import them anyway (not the __main__ modules
+# themselves: runpy runs those).
 PRELOAD = (
     "numpy",
     "scipy.ndimage",
