@@ -199,7 +199,7 @@ def main() -> None:
     if args.json:
         result = {
             "command": " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "args": {k: os.path.relpath(v, ROOT) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "segmentation": {"training": training, "val_dice_per_label": seg_dice.mean(0).tolist()},
             "variants": summary,
         }
