@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from monai.bundle import ConfigParser  # noqa: E402
 from monai.losses import DiceCELoss  # noqa: E402
 from monai.networks.nets import UNet  # noqa: E402
+from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandGaussianNoised  # noqa: E402
 
 from scripts.inferers import RegistrationTestTimeInferer  # noqa: E402
 from scripts.metrics import evaluate_pair  # noqa: E402
@@ -73,8 +74,31 @@ def dice_per_label(pred: torch.Tensor, truth: torch.Tensor, labels=(1, 2)) -> li
     return [float(2 * ((pred == v) & (truth == v)).sum() / ((pred == v).sum() + (truth == v).sum())) for v in labels]
 
 
-def train_segmentation(cases, train, channels, seconds, batch_size, lr, seed) -> tuple[UNet, dict]:
+def augmentation(seed: int):
+    """Random affine (rotations up to 0.2 rad, scaling up to 10 %, shifts up to 4 voxels; labels nearest),
+    then contrast (gamma 0.7-1.5) and Gaussian noise on the image, each per sample."""
+    transform = Compose(
+        [
+            RandAffined(
+                keys=["image", "label"],
+                prob=0.8,
+                rotate_range=(0.2, 0.2, 0.2),
+                scale_range=(0.1, 0.1, 0.1),
+                translate_range=(4, 4, 4),
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            ),
+            RandAdjustContrastd(keys="image", prob=0.5, gamma=(0.7, 1.5)),
+            RandGaussianNoised(keys="image", prob=0.3, std=0.02),
+        ]
+    )
+    transform.set_random_state(seed)
+    return transform
+
+
+def train_segmentation(cases, train, channels, seconds, batch_size, lr, seed, augment=False) -> tuple[UNet, dict]:
     torch.manual_seed(seed)
+    transform = augmentation(seed) if augment else None
     net = UNet(3, 1, 3, channels=channels, strides=(2,) * (len(channels) - 1), num_res_units=1, norm="instance")
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimiser = torch.optim.Adam(net.parameters(), lr=lr)
@@ -87,6 +111,9 @@ def train_segmentation(cases, train, channels, seconds, batch_size, lr, seed) ->
         losses = []
         for i in range(0, len(order) - batch_size + 1, batch_size):
             batch = [cases[train[j]] for j in order[i : i + batch_size]]
+            if transform is not None:
+                batch = [transform({"image": b[0], "label": b[1]}) for b in batch]
+                batch = [(b["image"].as_tensor(), b["label"].as_tensor()) for b in batch]
             image = torch.stack([b[0] for b in batch])
             label = torch.stack([b[1] for b in batch])
             loss = loss_fn(net(image), label)
@@ -108,6 +135,7 @@ def main() -> None:
     parser.add_argument("--seg_channels", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--seconds", type=float, default=2700, help="segmentation training time")
     parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--augment", action="store_true", help="augment the segmentation training (augmentation())")
     parser.add_argument("--seg_lr", type=float, default=3e-3)
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 40])
     parser.add_argument("--lr", type=float, default=0.05)
@@ -133,7 +161,7 @@ def main() -> None:
         training = {"loaded": str(args.seg_ckpt)}
     else:
         seg, training = train_segmentation(
-            cases, train, channels, args.seconds, args.batch_size, args.seg_lr, args.seed
+            cases, train, channels, args.seconds, args.batch_size, args.seg_lr, args.seed, args.augment
         )
         args.seg_ckpt.parent.mkdir(parents=True, exist_ok=True)
         torch.save(seg.state_dict(), args.seg_ckpt)

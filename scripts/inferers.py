@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer
+from monai.losses import DiceLoss
 from monai.networks.blocks import Convolution
 from torch import nn
 
@@ -108,7 +109,12 @@ class RegistrationTestTimeInferer(Inferer):
       upsampled trilinearly, minimised with Adam (``lr``) on ``similarity`` (the training loss's
       "lncc" or "mse") between the warped moving and the fixed image, plus ``smooth_weight`` times
       the training regulariser mean |sigmoid - 0.5|. g = 2 * sigmoid stays in (0, 2). The correction
-      starts at zero, so the start is the network's prediction.
+      starts at zero, so the start is the network's prediction. With ``similarity`` "dice" the images
+      are not compared: ``segmenter`` (a segmentation network taking one image, B x C x H x W x D, to
+      background-first class logits) labels both once, and the loss is the soft Dice loss (MONAI
+      ``DiceLoss``, over the batch, foreground classes averaged) between the warped (trilinear) moving
+      probabilities and the fixed ones: labels predicted for images whose own labels are unknown, the
+      paper's "noisy labels" used at test time.
     - ``sigma`` > 0: last, the field is smoothed by a Gaussian of ``sigma`` voxels
       (``scripts.deformation.smooth_ddf``: borders replicated, translations unchanged; a positive g
       stays positive).
@@ -117,6 +123,8 @@ class RegistrationTestTimeInferer(Inferer):
         inferer: runs each network pass (each flip, each member); ``RegistrationInferer()`` if None.
         flips, members, symmetric, passes, steps, lr, similarity, smooth_weight, grid, sigma: as above.
         lncc_kernel_size: window of the "lncc" similarity (the training default, 9).
+        segmenter: the segmentation network of the "dice" similarity (required by it, refused with the
+            others); run in eval mode, without autograd, in its own parameters' dtype.
 
     The optimisation runs in float32 (float64 for a float64 network) whatever the enclosing autocast
     or the passes' precision.
@@ -140,6 +148,7 @@ class RegistrationTestTimeInferer(Inferer):
         grid: int = 2,
         lncc_kernel_size: int = 9,
         sigma: float = 0.0,
+        segmenter: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.inferer = RegistrationInferer() if inferer is None else inferer
@@ -174,8 +183,17 @@ class RegistrationTestTimeInferer(Inferer):
             self.similarity: nn.Module = LocalNCCLoss(kernel_size=lncc_kernel_size)
         elif similarity == "mse":
             self.similarity = nn.MSELoss()
+        elif similarity == "dice":
+            self.similarity = DiceLoss(batch=True, smooth_nr=0.0, smooth_dr=1e-6)
         else:
-            raise ValueError(f"similarity must be 'lncc' or 'mse', got {similarity!r}")
+            raise ValueError(f"similarity must be 'lncc', 'mse' or 'dice', got {similarity!r}")
+        if (similarity == "dice") != (segmenter is not None):
+            raise ValueError(
+                "the 'dice' similarity compares the two images' predicted segmentations: it needs a segmenter "
+                "(inference.json: --io_seg_ckpt) and the other similarities take none, got similarity "
+                f"{similarity!r} with {'a' if segmenter is not None else 'no'} segmenter"
+            )
+        self.segmenter = segmenter
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
         for member in self.members:  # built from the network before the evaluator put it in eval mode
@@ -211,6 +229,8 @@ class RegistrationTestTimeInferer(Inferer):
         dtype = torch.promote_types(ddf.dtype, torch.float32)
         x = inputs.as_subclass(torch.Tensor).detach().to(dtype)
         moving, fixed = x[:, :c], x[:, c:]
+        if self.segmenter is not None:
+            moving, fixed = self.foreground(moving).to(dtype), self.foreground(fixed).to(dtype)
         # g of a network prediction lies in (0, 2); rounding in the integration may touch the bounds
         g = ddf_to_gradient(ddf.as_subclass(torch.Tensor).detach().to(dtype)).clamp(1e-6, 2 - 1e-6)
         start = torch.logit(g / 2)
@@ -230,6 +250,14 @@ class RegistrationTestTimeInferer(Inferer):
                 optimiser.step()
             correction = delta if self.grid == 1 else F.interpolate(delta, size=size, mode="trilinear")
             return gradient_to_ddf(logits_to_gradient(start + correction.detach()))
+
+    def foreground(self, image: torch.Tensor) -> torch.Tensor:
+        """The segmenter's foreground class probabilities (B, K - 1, H, W, D) for ``image``."""
+        self.segmenter.eval()
+        parameter = next(self.segmenter.parameters(), image)
+        with torch.no_grad(), torch.autocast(image.device.type, enabled=False):
+            logits = self.segmenter(image.to(device=parameter.device, dtype=parameter.dtype))
+        return torch.softmax(logits.as_subclass(torch.Tensor).float(), 1)[:, 1:].to(image.device)
 
 
 class LowMemoryRegistrationInferer(RegistrationInferer):

@@ -183,8 +183,11 @@ def check_checkpoint(path: str, train_config: str = "configs/train.json") -> str
 
     Whether its tensors fit the configured network is checked when it is loaded (strict loading)."""
     if not os.path.exists(path):
+        how = (
+            f"{train_config} with the same config files as this run" if train_config.endswith(".json") else train_config
+        )
         raise CheckpointError(
-            f"{path}: checkpoint not found. Train one ({train_config} with the same config files as this run, "
+            f"{path}: checkpoint not found. Train one ({how}, "
             "see docs/README.md), fetch it with python -m scripts.weights download if large_files.yml lists it, "
             "or pass --ckpt_path <file>"
         )

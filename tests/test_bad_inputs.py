@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import HIPPO
+from monai.networks.nets import UNet
 
 from scripts.networks import SpatialGradientRegNet
 
@@ -558,4 +559,32 @@ def test_test_time_options_run_and_a_wrong_ensemble_member_is_refused(tmp_path, 
         before = digest(tmp_path)
         error = infer_here(data, tmp_path / "out2", ckpt, args + ["--ensemble_ckpts", str(member)])  # one path
         assert error is not None and f"{member}: " in error and problem in error, error
+        assert not (tmp_path / "out2").exists() and digest(tmp_path) == before
+
+
+def test_segmentation_guided_optimisation_runs_and_its_segmenter_is_checked(tmp_path, ckpt):
+    data = _copy(tmp_path)
+    args = _one_pair(data, [(f"./imagesTr/{FIXED}", f"./imagesTr/{MOVING}")])
+    seg = tmp_path / "seg.pt"  # untrained, of inference.json's segmenter architecture at a small width
+    net = UNet(3, 1, 3, channels=(4, 8), strides=(2,), num_res_units=1, norm="instance")
+    torch.save(net.half().state_dict(), seg)  # float16, as a shipped file would be
+    options = ["--io_steps", "2", "--io_similarity", "dice"]
+    out = tmp_path / "out"
+    proc = infer(data, out, ckpt, *args, *options, "--io_seg_channels", "[4, 8]", "--io_seg_ckpt", str(seg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())["settings"]
+    assert manifest["io_similarity"] == "dice" and manifest["io_seg_ckpt"] == str(seg)
+    assert manifest["io_seg_sha256"] == hashlib.sha256(seg.read_bytes()).hexdigest()
+    _outputs_are_sane(out, [("0367", "0394")])
+
+    # no segmenter, a missing one, one of another architecture: refused naming the file, nothing written
+    cases = [
+        ([], "needs a segmenter (inference.json: --io_seg_ckpt)"),
+        (["--io_seg_ckpt", str(tmp_path / "no.pt")], f"{tmp_path / 'no.pt'}: checkpoint not found"),
+        (["--io_seg_ckpt", str(ckpt)], f"{ckpt}: was saved from another architecture"),
+    ]
+    for extra, problem in cases:
+        before = digest(tmp_path)
+        error = infer_here(data, tmp_path / "out2", ckpt, args + options + extra)
+        assert error is not None and problem in error, error
         assert not (tmp_path / "out2").exists() and digest(tmp_path) == before
