@@ -48,6 +48,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 W16 = ["--channels", "[16, 32, 64, 128, 256]", "--deep_supervision", "True"]
 GPU_AVG = ["--ckpt_path", "runs/gpu1/model_avg_fp16.pt"]  # the 440 s H100 run of docs/training.md (machine-local)
+SEG_IO = [
+    "--io_steps",
+    "20",
+    "--io_lr",
+    "0.003",
+    "--io_similarity",
+    "dice",
+    "--io_seg_ckpt",
+    "models/seg_hippocampus.pt",
+]
 VARIANTS: dict[str, list[str]] = {
     "plain": [],
     "flips_all": ["--tta_flips", "all"],
@@ -71,6 +81,9 @@ VARIANTS: dict[str, list[str]] = {
     "io_lncc_smooth1": ["--io_steps", "20", "--io_smooth_weight", "1.0"],
     "io_mse": ["--io_steps", "20", "--io_similarity", "mse"],
     "io_mse_lr01_grid1": ["--io_steps", "20", "--io_similarity", "mse", "--io_lr", "0.01", "--io_grid", "1"],
+    # segmentation-guided, with the shipped segmentation network (docs/inference.md)
+    "seg_io": SEG_IO,
+    "seg_io_40": [*SEG_IO[:1], "40", *SEG_IO[2:]],
     "gpu_w16_plain": [*W16, *GPU_AVG],
     "gpu_w16_flips_all": [*W16, *GPU_AVG, "--tta_flips", "all"],
 }

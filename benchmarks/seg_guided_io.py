@@ -1,4 +1,5 @@
-"""Segmentation-guided instance optimisation on the hippocampus validation pairs (a probe for issue 17).
+"""Segmentation-guided instance optimisation on the hippocampus validation pairs, and the training of its
+segmentation network (issue 17).
 
 Instance optimisation on image similarity (``--io_steps``, LNCC or MSE) lost Dice in every setting
 (docs/inference.md): these 1 mm MR crops' intensities do not agree with the anatomy as well as the network
@@ -6,11 +7,13 @@ does. This probe replaces the image similarity by the paper's other signal, labe
 the pair's own labels: a small segmentation network trained on the 160 subjects of no validation pair (the
 registration network's training subjects) labels both images, and the optimisation minimises the soft Dice
 loss between the warped predicted moving probabilities and the predicted fixed ones (head and tail), from
-the shipped network's field, with the training regulariser (``RegistrationTestTimeInferer.optimise``).
+the shipped network's field, with the training regulariser: ``RegistrationTestTimeInferer`` with
+``similarity="dice"``, which configs/inference.json runs with ``--io_similarity dice --io_seg_ckpt FILE``.
 
-1. trains a MONAI ``UNet`` (DiceCE loss, Adam with the rate decayed linearly over the time budget, the
-   inference preprocessing, no augmentation) for ``--seconds``, or loads ``--seg_ckpt`` if it exists
-   (and saves it there after training);
+1. trains a MONAI ``UNet`` (configs/inference.json's ``io_segmenter_def``; DiceCE loss, Adam with the rate
+   decayed linearly over the time budget, the inference preprocessing, with ``--augment`` random affine,
+   contrast and noise: ``augmentation``) for ``--seconds``, or loads ``--seg_ckpt`` if it exists (and saves
+   it there after training);
 2. scores the segmentation on the 40 validation subjects (Dice of the argmax per label);
 3. for each validation pair, the plain field and the optimised ones (each ``--steps`` value), scored with
    the official Learn2Reg metrics (``scripts.metrics.evaluate_pair``) with the true labels. The plain row
@@ -48,13 +51,6 @@ from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandGaus
 
 from scripts.inferers import RegistrationTestTimeInferer  # noqa: E402
 from scripts.metrics import evaluate_pair  # noqa: E402
-
-
-def soft_dice_loss(warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-    """1 - mean over channels of 2|A.B| / (|A| + |B|), on probabilities (B, C, H, W, D)."""
-    dims = (0, 2, 3, 4)
-    overlap = (warped * fixed).sum(dims)
-    return 1 - (2 * overlap / (warped.sum(dims) + fixed.sum(dims) + 1e-6)).mean()
 
 
 def load_cases(dataset_dir: Path, preprocessing) -> tuple[dict, list, list]:
@@ -194,15 +190,18 @@ def main() -> None:
             t0 = time.perf_counter()
             ddf = inferer(torch.cat([moving, fixed])[None], net)
             t_plain = time.perf_counter() - t0
-        seg_inputs = torch.cat([probs[pair["moving"]], probs[pair["fixed"]]], 1)
         for name, steps in variants.items():
             t0 = time.perf_counter()
             if steps:
                 io = RegistrationTestTimeInferer(
-                    steps=steps, lr=args.lr, grid=args.grid, smooth_weight=args.smooth_weight
+                    steps=steps,
+                    lr=args.lr,
+                    grid=args.grid,
+                    smooth_weight=args.smooth_weight,
+                    similarity="dice",
+                    segmenter=seg,
                 )
-                io.similarity = soft_dice_loss
-                field = io.optimise(seg_inputs, ddf)
+                field = io.optimise(torch.cat([moving, fixed])[None], ddf)
             else:
                 field = ddf
             seconds[name].append(t_plain + time.perf_counter() - t0)

@@ -377,3 +377,34 @@ def test_shipped_weights_match_their_hash_in_large_files():
     (entry,) = [e for e in entries if e["path"] == "models/model.pt"]
     digest = hashlib.sha256((ROOT / entry["path"]).read_bytes()).hexdigest()
     assert digest == entry["hash_val"], "models/model.pt changed: update its hash_val in large_files.yml"
+
+
+def test_shipped_segmentation_network_labels_the_sample_images():
+    """models/seg_hippocampus.pt (--io_similarity dice) loads into inference.json's io_segmenter_def and
+    labels the 8 sample images (validation subjects: not trained on) about as documented (0.872 / 0.854 on
+    the 40 validation subjects, docs/inference.md)."""
+    from monai.bundle import ConfigParser
+
+    from scripts.inferers import RegistrationTestTimeInferer
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(ROOT), "io_seg_ckpt": str(ROOT / "models" / "seg_hippocampus.pt")})
+    segmenter = parser.get_parsed_content("io_segmenter")
+    preprocessing = parser.get_parsed_content("preprocessing")
+    inferer = RegistrationTestTimeInferer(steps=1, similarity="dice", segmenter=segmenter)
+    dice = []
+    for image in sorted((ROOT / "sample_data" / "HippocampusMR" / "imagesTr").glob("*.nii.gz")):
+        d = preprocessing({"image": str(image), "label": str(image).replace("imagesTr", "labelsTr")})
+        probabilities = inferer.foreground(d["image"].as_tensor()[None].float())  # (1, 2, H, W, D)
+        background = 1 - probabilities.sum(1, keepdim=True)
+        predicted = torch.cat([background, probabilities], 1).argmax(1)[0]
+        truth = d["label"].as_tensor()[0]
+        dice.append(
+            [
+                float(2 * ((predicted == v) & (truth == v)).sum() / ((predicted == v).sum() + (truth == v).sum()))
+                for v in (1, 2)
+            ]
+        )
+    dice = np.array(dice)
+    assert dice.mean() > 0.83 and dice.min() > 0.7, dice
