@@ -138,7 +138,9 @@ def _mode(path: Path) -> int:
 
 def test_shipped_large_files_yml_lists_every_weight_file_in_model_zoo_format():
     entries = weights.read_large_files(str(ROOT))
-    assert {e["path"] for e in entries} == {"models/model.pt", "models/model.ts"}
+    shipped = {f"models/{p.name}" for p in (ROOT / "models").iterdir() if p.suffix in (".pt", ".ts")}
+    assert {"models/model.pt", "models/model.ts", "models/seg_hippocampus.pt"} <= shipped
+    assert {e["path"] for e in entries} == shipped
     for e in entries:
         # MONAI's download_large_files passes every key to download_url: any other key breaks it.
         assert set(e) == {"path", "url", "hash_val", "hash_type"}, e
@@ -152,7 +154,8 @@ def test_shipped_large_files_yml_lists_every_weight_file_in_model_zoo_format():
 def test_monai_download_large_files_reads_a_copy_of_the_shipped_index(tmp_path, server):
     """The shipped large_files.yml, its URLs pointed at the local server, is read by MONAI's own
     ``python -m monai.bundle download_large_files --bundle_path`` and by ``scripts.weights download``;
-    both install every shipped weight file (models/model.pt, models/model.ts) with its listed sha256."""
+    both install every shipped weight file (models/model.pt, models/model.ts, models/seg_hippocampus.pt) with
+    its listed sha256."""
     base, www, _ = server
     index = yaml.safe_load((ROOT / "large_files.yml").read_text())
     assert all(e["hash_val"] for e in index["large_files"]), "every released file has its hash"
