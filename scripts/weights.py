@@ -175,11 +175,14 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_checkpoint(path: str, train_config: str = "configs/train.json") -> str:
+def check_checkpoint(
+    path: str, train_config: str = "configs/train.json", option: str = "--ckpt_path", docs: str = "docs/README.md"
+) -> str:
     """Refuses, in one line naming the file, a checkpoint the run could not load, before any work is
     done (for a config's ``initialize``): missing (saying how to get one: ``train_config`` is the
-    config that trains it), not a PyTorch checkpoint, holding pickled Python objects, or holding no
-    state dict. Returns ``path``.
+    config, or the command, that trains it, described in ``docs``; ``option`` the command-line key that
+    names the file), not a PyTorch checkpoint, holding pickled Python objects, or holding no state dict.
+    Returns ``path``.
 
     Whether its tensors fit the configured network is checked when it is loaded (strict loading)."""
     if not os.path.exists(path):
@@ -187,9 +190,8 @@ def check_checkpoint(path: str, train_config: str = "configs/train.json") -> str
             f"{train_config} with the same config files as this run" if train_config.endswith(".json") else train_config
         )
         raise CheckpointError(
-            f"{path}: checkpoint not found. Train one ({how}, "
-            "see docs/README.md), fetch it with python -m scripts.weights download if large_files.yml lists it, "
-            "or pass --ckpt_path <file>"
+            f"{path}: checkpoint not found. Train one ({how}, see {docs}), fetch it with "
+            f"python -m scripts.weights download if large_files.yml lists it, or pass {option} <file>"
         )
     read_state_dict(path)
     return path
