@@ -92,10 +92,14 @@ def augmentation(seed: int):
     return transform
 
 
-def train_segmentation(cases, train, channels, seconds, batch_size, lr, seed, augment=False) -> tuple[UNet, dict]:
+def train_segmentation(
+    cases, train, channels, seconds, batch_size, lr, seed, augment=False, init: Path | None = None
+) -> tuple[UNet, dict]:
     torch.manual_seed(seed)
     transform = augmentation(seed) if augment else None
     net = UNet(3, 1, 3, channels=channels, strides=(2,) * (len(channels) - 1), num_res_units=1, norm="instance")
+    if init is not None:  # continue a trained network (float16 files load into the float32 one)
+        net.load_state_dict({k: v.float() for k, v in torch.load(init, map_location="cpu").items()})
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimiser = torch.optim.Adam(net.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
@@ -120,7 +124,8 @@ def train_segmentation(cases, train, channels, seconds, batch_size, lr, seed, au
         epoch += 1
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.time() - start, 1)})
         print(f"epoch {epoch}: loss {history[-1]['loss']:.4f} ({history[-1]['seconds']} s)", flush=True)
-    return net, {"epochs": epoch, "seconds": round(time.time() - start, 1), "history": history}
+    result = {"epochs": epoch, "seconds": round(time.time() - start, 1), "history": history}
+    return net, {**result, "init": os.path.relpath(init, ROOT)} if init is not None else result
 
 
 def main() -> None:
@@ -133,6 +138,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--augment", action="store_true", help="augment the segmentation training (augmentation())")
     parser.add_argument("--seg_lr", type=float, default=3e-3)
+    parser.add_argument("--init_seg_ckpt", type=Path, help="start the segmentation training from these weights")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 40])
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--grid", type=int, default=2)
@@ -157,7 +163,15 @@ def main() -> None:
         training = {"loaded": str(args.seg_ckpt)}
     else:
         seg, training = train_segmentation(
-            cases, train, channels, args.seconds, args.batch_size, args.seg_lr, args.seed, args.augment
+            cases,
+            train,
+            channels,
+            args.seconds,
+            args.batch_size,
+            args.seg_lr,
+            args.seed,
+            args.augment,
+            args.init_seg_ckpt,
         )
         args.seg_ckpt.parent.mkdir(parents=True, exist_ok=True)
         torch.save(seg.state_dict(), args.seg_ckpt)

@@ -255,6 +255,19 @@ def training_cases(dataset_dir: str, num_val: int = 40, exclude_val: bool = True
     return kept
 
 
+def validation_cases(dataset_dir: str, num_val: int = 40) -> list[dict]:
+    """The labelled cases whose image is in a validation pair, each once in id order: the subjects that
+    ``training_cases`` holds out, for validating a network trained on single images (segmentation)."""
+    path, _, cases = _all_cases(dataset_dir)
+    held_out = set()
+    for p in pairs(dataset_dir, "registration_val", num_val):
+        held_out |= {p["fixed_image"], p["moving_image"]}
+    kept = [c for c in cases if c["image"] in held_out and "label" in c]
+    if not kept:
+        raise DatasetError(f"{path}: no labelled training case is in a validation pair: nothing to validate on")
+    return kept
+
+
 def pairs(dataset_dir: str, selection: str = "registration_val", num_val: int = 40) -> list[dict]:
     """The pairs to register.
 

@@ -582,8 +582,9 @@ def test_segmentation_guided_optimisation_runs_and_its_segmenter_is_checked(tmp_
         ([], "needs a segmenter (inference.json: --io_seg_ckpt)"),
         (
             ["--io_seg_ckpt", str(tmp_path / "no.pt")],
-            f"{tmp_path / 'no.pt'}: checkpoint not found. Train one (benchmarks/seg_guided_io.py, see "
-            "docs/inference.md), fetch it with python -m scripts.weights download if large_files.yml lists it, "
+            f"{tmp_path / 'no.pt'}: checkpoint not found. Train one (configs/io_seg_train.json --dataset_dir "
+            "<your data>, see docs/inference.md), fetch it with python -m scripts.weights download if large_files.yml "
+            "lists it, "
             "or pass --io_seg_ckpt <file>",
         ),
         (["--io_seg_ckpt", str(ckpt)], f"{ckpt}: was saved from another architecture"),

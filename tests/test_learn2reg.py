@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import HIPPO
 
-from scripts.learn2reg import DatasetError, case_id, disp_name, pairs, training_cases
+from scripts.learn2reg import DatasetError, case_id, disp_name, pairs, training_cases, validation_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data" / "HippocampusMR"
@@ -42,6 +42,9 @@ def test_learn2reg_folder_pairs_and_training_cases():
     held_out = {p["fixed_image"] for p in val}
     assert train and not held_out & {c["image"] for c in train}
     assert len(training_cases(str(SAMPLE), exclude_val=False)) == 8
+    val_cases = validation_cases(str(SAMPLE))
+    assert [c["id"] for c in val_cases] == ["0367", "0375", "0385", "0394"] and all("label" in c for c in val_cases)
+    assert {c["image"] for c in val_cases} == held_out and len(train) + len(val_cases) == 8
 
 
 @pytest.mark.skipif(not HIPPO.is_dir(), reason=f"needs {HIPPO} (BUNDLE_TEST_DATA)")
@@ -52,6 +55,7 @@ def test_msd_folder_holds_out_the_last_cases_as_reversed_pairs():
     assert [p["moving_id"] for p in val] == [p["fixed_id"] for p in val][::-1]
     train = training_cases(str(HIPPO), num_val=40)
     assert len(train) == 160 and max(c["id"] for c in train) < min(ids)
+    assert [c["id"] for c in validation_cases(str(HIPPO), num_val=40)] == ids
     odd = pairs(str(HIPPO), "registration_val", num_val=5)
     assert len(odd) == 4 and all(p["fixed_id"] != p["moving_id"] for p in odd)
     with pytest.raises(DatasetError, match="registration_test"):
@@ -107,6 +111,8 @@ def test_bad_dataset_folders(tmp_path):
     content["registration_val"] = []
     index.write_text(json.dumps(content))
     assert len(training_cases(str(data))) == 8, "no validation pairs: every case trains"
+    with pytest.raises(DatasetError, match="registration_val is missing or empty"):
+        validation_cases(str(data))
     with pytest.raises(DatasetError, match="empty"):
         pairs(str(data), "registration_val")
     content["training"].append(dict(content["training"][0]))

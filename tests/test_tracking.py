@@ -17,7 +17,7 @@ from tests.test_bundle import ROOT, SAMPLE, bundle, load, ok, tiny_training
 # MLflow lives in an environment of its own (tests/setup_tracking_venv.sh): installed in the test environment,
 # every `import monai` of the suite would import it too.
 PYTHON = ROOT / ".venv-tracking" / "bin" / "python"
-CONFIGS = ("train", "inference", "evaluate", "seg_train", "seg_inference")
+CONFIGS = ("train", "inference", "evaluate", "seg_train", "seg_inference", "io_seg_train")
 needs_mlflow = pytest.mark.skipif(
     not PYTHON.exists() and os.environ.get("CI") != "true",  # in CI it must exist: the tests fail without it
     reason=f"needs {PYTHON.parent.parent} (bash tests/setup_tracking_venv.sh)",
@@ -53,7 +53,7 @@ def test_every_config_keeps_tracking_out_of_its_results():
     assert len({u for n, u in uris.items() if n != "evaluate"}) == 1, uris
     for name in ("inference", "evaluate", "seg_inference"):
         assert load(name)["save_execute_config"] is False, name
-    for name in ("train", "seg_train"):
+    for name in ("train", "seg_train", "io_seg_train"):
         config = load(name)
         assert config["output_dir"] == "$@ckpt_dir", name  # an expression: MONAI appends the file name to it
         assert config["train"]["trainer"]["decollate"] is True, name
