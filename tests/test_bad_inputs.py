@@ -555,7 +555,10 @@ def test_test_time_options_run_and_a_wrong_ensemble_member_is_refused(tmp_path, 
     # a member of another architecture, or a missing one: refused naming the file, nothing written
     other = tmp_path / "wide.pt"
     torch.save(SpatialGradientRegNet(channels=(16, 32, 64, 128, 256), deep_supervision=False).state_dict(), other)
-    for member, problem in ((other, "was saved from another architecture"), (tmp_path / "no.pt", "not found")):
+    missing = (tmp_path / "no.pt", "not found. Train one (configs/train.json with the same config files as this run, "
+               "see docs/inference.md), fetch it with python -m scripts.weights download if large_files.yml lists it, "
+               "or pass --ensemble_ckpts <file>")  # fmt: skip
+    for member, problem in ((other, "was saved from another architecture"), missing):
         before = digest(tmp_path)
         error = infer_here(data, tmp_path / "out2", ckpt, args + ["--ensemble_ckpts", str(member)])  # one path
         assert error is not None and f"{member}: " in error and problem in error, error
