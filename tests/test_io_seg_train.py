@@ -51,8 +51,9 @@ def test_the_shipped_segmenter_scores_on_the_validation_subjects(tmp_path):
 @pytest.mark.slow
 def test_a_trained_network_guides_inference(tmp_path):
     """Two epochs at a tiny width on the 4 sample training cases: the best-validation model.pt and the
-    resumable checkpoint are written under ckpt_dir, and inference.json runs the instance optimisation
-    with model.pt as its segmenter (recorded in the manifest)."""
+    resumable checkpoint are written under ckpt_dir, a run resumed from its epoch-1 checkpoint ends epoch 2
+    with the same weights, and inference.json runs the instance optimisation with model.pt as its segmenter
+    (recorded in the manifest)."""
     run = tmp_path / "seg"
     proc = ok(
         bundle(
@@ -66,6 +67,14 @@ def test_a_trained_network_guides_inference(tmp_path):
     assert list((run / "logs").glob("events.out.tfevents.*"))
     checkpoint = torch.load(run / "checkpoint_epoch=2.pt", weights_only=True)
     assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(checkpoint)
+
+    # stopped after epoch 1 and resumed: epoch 2 ends with the same weights as the run without a stop
+    common = ["--dataset_dir", str(SAMPLE), "--ckpt_dir", str(tmp_path / "seg2"), "--val_interval", "1", *TINY]
+    ok(bundle(*common, "--max_epochs", "1", configs=("io_seg_train",)))
+    resume = ["--resume_ckpt", str(tmp_path / "seg2" / "checkpoint_epoch=1.pt")]
+    ok(bundle(*common, "--max_epochs", "2", *resume, configs=("io_seg_train",)))
+    resumed = torch.load(tmp_path / "seg2" / "checkpoint_epoch=2.pt", weights_only=True)["model"]
+    assert all(torch.equal(resumed[k], v) for k, v in checkpoint["model"].items())
 
     from monai.networks.nets import UNet
 
