@@ -125,6 +125,8 @@ def check_overrides(argv: list[str] | None = None) -> None:
         if len(path) == 1 and not exists:
             close = difflib.get_close_matches(path[0], known, n=1)
             hint = f"did you mean --{close[0]}?" if close else "see the config files for the keys"
+            if key in TRACKING_KEYS and not given.get("tracking"):
+                hint = "it is a setting of MONAI's experiment tracking: add --tracking mlflow"
             raise OverrideError(f"--{key}: unknown key for {', '.join(_config_files(given['config_file']))}; {hint}")
         if exists and isinstance(parent[path[-1]], bool):
             flag(_literal(text), key)

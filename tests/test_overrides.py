@@ -66,6 +66,8 @@ def test_known_keys_nested_keys_and_run_arguments_pass():
         (["--ouput_dir", "x"], "--ouput_dir: unknown key for configs/inference.json; did you mean --output_dir?"),
         (["--datset_dir", "x"], "did you mean --dataset_dir?"),
         (["--nonsense_key_zzz", "1"], "unknown key for configs/inference.json; see the config files for the keys"),
+        (["--run_name", "a"], "--run_name: unknown key for configs/inference.json; it is a setting of MONAI's "
+         "experiment tracking: add --tracking mlflow"),  # fmt: skip
         (["--handlers#9#strict", "x"], "--handlers#9#strict: the config files have no handlers#9"),
         (["--write_inverse", "True"], "--write_inverse was renamed: use --write_fixed_to_moving"),
         (["--figures", "maybe"], "--figures: expected True or False"),
